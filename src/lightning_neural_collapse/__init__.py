@@ -1,0 +1,13 @@
+"""Watch Neural Collapse happen in a PyTorch Lightning training run.
+
+``Trainer(callbacks=[NeuralCollapseCallback()])`` logs NC1-NC4 and the start of the Terminal Phase of
+Training; :mod:`lightning_neural_collapse.functional` holds the math, usable without Lightning.
+"""
+
+from lightning_neural_collapse.error import ClassificationError
+from lightning_neural_collapse.metric import NeuralCollapse
+from lightning_neural_collapse.ncc import NCCMismatch
+
+__version__ = "0.1.0"
+
+__all__ = ["ClassificationError", "NCCMismatch", "NeuralCollapse", "__version__"]

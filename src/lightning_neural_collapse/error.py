@@ -1,0 +1,57 @@
+"""``ClassificationError``: the share of misclassified samples, from logits, summed over ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_neural_collapse.sync import all_reduce_sum
+
+
+class ClassificationError(Metric):
+    """Fraction of samples with ``argmax(logits) != label``; integer counts, exact across ranks.
+
+    Samples whose label lies outside ``[0, num_classes)`` (``ignore_index`` among them) or whose logits
+    are not finite are not counted. ``update`` never synchronises with the host.
+
+    Example:
+        >>> err = ClassificationError(num_classes=3)
+        >>> err.update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2]))
+        >>> err.compute()
+        0.5
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    errors: Tensor
+    total: Tensor
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        kwargs.setdefault("compute_with_cache", False)
+        kwargs.setdefault("dist_sync_fn", all_reduce_sum)
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("errors", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Accumulate ``(B, C)`` logits against ``(B,)`` integer labels."""
+        logits = logits.detach().to(self.errors.device)
+        labels = labels.detach().to(self.errors.device, torch.long)
+        valid = (labels >= 0) & (labels < self.num_classes) & torch.isfinite(logits).all(dim=1)
+        self.errors += ((logits.argmax(dim=1) != labels) & valid).sum()
+        self.total += valid.sum()
+
+    def counts(self) -> tuple[int, int]:
+        """``(errors, total)`` summed over ranks (a collective)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
+            return int(self.errors.item()), int(self.total.item())
+
+    def compute(self) -> float:
+        """The error fraction in ``[0, 1]``; ``nan`` when no sample was counted."""
+        return float(self.errors / self.total) if float(self.total) > 0 else float("nan")
