@@ -4,10 +4,19 @@
 Training; :mod:`lightning_neural_collapse.functional` holds the math, usable without Lightning.
 """
 
+from lightning_neural_collapse.callback import NeuralCollapseCallback
 from lightning_neural_collapse.error import ClassificationError
 from lightning_neural_collapse.metric import NeuralCollapse
 from lightning_neural_collapse.ncc import NCCMismatch
+from lightning_neural_collapse.tpt import TPTDetector
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassificationError", "NCCMismatch", "NeuralCollapse", "__version__"]
+__all__ = [
+    "ClassificationError",
+    "NCCMismatch",
+    "NeuralCollapse",
+    "NeuralCollapseCallback",
+    "TPTDetector",
+    "__version__",
+]

@@ -1,0 +1,140 @@
+"""Reading labels and model inputs out of a training batch, and turning targets into class indices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LABEL_KEYS: tuple[str, ...] = ("label", "labels", "y", "target", "targets")
+"""Keys searched, in order, in a dict batch for the labels."""
+
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
+"""Keys searched, in order, in a dict batch for the model input (exact mode only)."""
+
+
+class BatchFormatError(ValueError):
+    """A batch the callback cannot read; the message names the option that fixes it."""
+
+
+def default_label_getter(batch: Any) -> Any:
+    """The labels of a batch: ``batch[1]`` of a tuple or list, or the first of :data:`LABEL_KEYS` of a dict.
+
+    Example:
+        >>> default_label_getter((torch.zeros(2, 3), torch.tensor([0, 1]))).tolist()
+        [0, 1]
+        >>> default_label_getter({"image": torch.zeros(1), "target": torch.tensor([2])}).tolist()
+        [2]
+    """
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+        raise BatchFormatError(
+            f"cannot find labels in a batch dict with keys {sorted(map(str, batch))}: expected one of "
+            f"{LABEL_KEYS}. Pass `label_getter=` (a function batch -> labels) to NeuralCollapseCallback."
+        )
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+        return batch[1]
+    raise BatchFormatError(
+        f"cannot find labels in a batch of type {type(batch).__name__}: expected an (inputs, labels) tuple or list "
+        f"or a dict with one of {LABEL_KEYS}. Pass `label_getter=` (a function batch -> labels) to "
+        "NeuralCollapseCallback."
+    )
+
+
+def default_input_getter(batch: Any) -> Any:
+    """The model input of a batch: ``batch[0]`` of a tuple or list, or the first of :data:`INPUT_KEYS` of a dict.
+
+    Example:
+        >>> default_input_getter((torch.ones(1), torch.tensor([0]))).tolist()
+        [1.0]
+    """
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise BatchFormatError(
+            f"cannot find the model input in a batch dict with keys {sorted(map(str, batch))}: expected one of "
+            f"{INPUT_KEYS}. Pass `input_getter=` (a function batch -> model input) to NeuralCollapseCallback, "
+            "or use mode='online'."
+        )
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 1:
+        return batch[0]
+    if isinstance(batch, Tensor):
+        return batch
+    raise BatchFormatError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}. Pass `input_getter=` "
+        "(a function batch -> model input) to NeuralCollapseCallback, or use mode='online'."
+    )
+
+
+def to_class_indices(targets: Any) -> Tensor:
+    """Integer class indices from integer labels ``(B,)`` or one-hot / soft targets ``(B, C)`` (argmax).
+
+    Cheap and free of host-device synchronisation; :func:`check_targets` validates values once.
+
+    Example:
+        >>> to_class_indices(torch.tensor([[0.1, 0.9], [1.0, 0.0]])).tolist()
+        [1, 0]
+    """
+    if not isinstance(targets, Tensor):
+        raise BatchFormatError(
+            f"labels must be a tensor, got {type(targets).__name__}. Pass `label_getter=` to NeuralCollapseCallback."
+        )
+    if targets.ndim == 2 and targets.is_floating_point():
+        return targets.argmax(dim=1)
+    return targets.reshape(-1).long() if targets.ndim == 1 else targets.long()
+
+
+def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> None:
+    """Validate one batch of targets (synchronises with the device; call it once, not every step).
+
+    Raises:
+        BatchFormatError: naming the option to change (``num_classes``, ``ignore_index`` or ``label_getter``).
+    """
+    if not isinstance(targets, Tensor):
+        raise BatchFormatError(
+            f"labels must be a tensor, got {type(targets).__name__}. Pass `label_getter=` to NeuralCollapseCallback."
+        )
+    if targets.is_floating_point():
+        if targets.ndim != 2:
+            raise BatchFormatError(
+                f"float labels of shape {tuple(targets.shape)} are neither class indices nor (batch, classes) "
+                "one-hot/probability targets. Convert them in `label_getter=`."
+            )
+        if targets.shape[1] != num_classes:
+            raise BatchFormatError(
+                f"targets of shape {tuple(targets.shape)} have {targets.shape[1]} columns but the classifier has "
+                f"{num_classes} classes. Set `num_classes=` or `label_getter=`."
+            )
+        rows = targets.float()
+        if bool((rows < 0).any()) or not torch.allclose(rows.sum(dim=1), torch.ones_like(rows[:, 0]), atol=1e-3):
+            raise BatchFormatError(
+                "float targets must be one-hot or class probabilities (non-negative rows summing to 1); multi-label "
+                "or unnormalised targets are not single-class labels. Convert them with `label_getter=`."
+            )
+        return
+    if targets.ndim != 1:
+        raise BatchFormatError(
+            f"integer labels must have shape (batch,), got {tuple(targets.shape)}. Convert them with `label_getter=`."
+        )
+    if targets.is_complex() or targets.dtype == torch.bool:
+        raise BatchFormatError(f"labels of dtype {targets.dtype} are not class indices. Use `label_getter=`.")
+    labels = targets.long()
+    if ignore_index is not None:
+        labels = labels[labels != ignore_index]
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise BatchFormatError(
+            f"label {low} is negative; set `ignore_index={low}` if it marks samples to skip, or fix `label_getter=`."
+        )
+    if high >= num_classes:
+        raise BatchFormatError(
+            f"label {high} is out of range for {num_classes} classes; set `num_classes=` to at least {high + 1} "
+            "(and make sure the classifier has that many outputs)."
+        )
