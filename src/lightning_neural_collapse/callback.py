@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lightning_neural_collapse.batch import (
-    BatchFormatError,
     check_targets,
     default_input_getter,
     default_label_getter,
@@ -93,6 +92,15 @@ class NeuralCollapseCallback(Callback):
 
         trainer = Trainer(callbacks=[NeuralCollapseCallback()], max_epochs=100)
     """
+
+    _capture: FeatureCapture | None
+    _classifier_module: nn.Module | None
+    _num_classes: int | None
+    _dim: int | None
+    _error: ClassificationError | None
+    _stats: NeuralCollapse | None
+    _ncc: NCCMismatch | None
+    _warned: set[str]
 
     def __init__(
         self,
@@ -171,7 +179,8 @@ class NeuralCollapseCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        same_prefix = [cb for cb in trainer.callbacks if isinstance(cb, NeuralCollapseCallback) and cb.prefix == self.prefix]
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        same_prefix = [cb for cb in callbacks if isinstance(cb, NeuralCollapseCallback) and cb.prefix == self.prefix]
         if len(same_prefix) > 1:
             raise MisconfigurationException(
                 f"{len(same_prefix)} NeuralCollapseCallback instances log under `prefix={self.prefix!r}`; "
@@ -181,7 +190,7 @@ class NeuralCollapseCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_run_state()
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]
             rank_zero_info("NeuralCollapseCallback: disabled under `fast_dev_run`, nothing is measured.")
             return
         name, module = find_classifier(pl_module, self.classifier)
@@ -355,18 +364,18 @@ class NeuralCollapseCallback(Callback):
 
     def _reset_run_state(self) -> None:
         self._active = False
-        self._capture: FeatureCapture | None = None
+        self._capture = None
         self._classifier_name = ""
-        self._classifier_module: nn.Module | None = None
-        self._num_classes: int | None = None
-        self._dim: int | None = None
-        self._error: ClassificationError | None = None
-        self._stats: NeuralCollapse | None = None
-        self._ncc: NCCMismatch | None = None
+        self._classifier_module = None
+        self._num_classes = None
+        self._dim = None
+        self._error = None
+        self._stats = None
+        self._ncc = None
         self._measuring = False
         self._epoch_pending = False
         self._batch_checked = False
-        self._warned: set[str] = set()
+        self._warned = set()
 
     def _detach(self) -> None:
         if self._capture is not None:

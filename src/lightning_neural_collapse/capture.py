@@ -70,7 +70,9 @@ def classifier_parameters(module: nn.Module, num_classes: int, dim: int) -> tupl
     """
     weight = _full(getattr(module, "weight", None))
     bias = _full(getattr(module, "bias", None))
-    w = weight.detach().reshape(num_classes, dim) if weight is not None and weight.numel() == num_classes * dim else None
+    w = None
+    if weight is not None and weight.numel() == num_classes * dim:
+        w = weight.detach().reshape(num_classes, dim)
     b = bias.detach().reshape(num_classes) if bias is not None and bias.numel() == num_classes else None
     return w, b
 

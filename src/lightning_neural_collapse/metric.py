@@ -122,7 +122,7 @@ class NeuralCollapse(Metric):
         label_ok = (labels >= 0) & (labels < self.num_classes)
         ignored = labels == self.ignore_index if self.ignore_index is not None else torch.zeros_like(label_ok)
         finite = torch.isfinite(features).all(dim=1).to(label_ok.device)
-        valid = label_ok & finite
+        valid = label_ok & finite & ~ignored
         index = torch.where(valid, labels, torch.zeros_like(labels))
         h = features.to(self.count.device, self.accumulate_dtype) - self.shift[index]
         h = torch.where(valid[:, None], h, torch.zeros_like(h))
@@ -131,7 +131,7 @@ class NeuralCollapse(Metric):
         self.shifted_sum.index_add_(0, index, h)
         self.shifted_gram.addmm_(h.T, h)
         self.shifted_sq.index_add_(0, index, h.square().sum(dim=1))
-        self.skipped_nonfinite += (label_ok & ~finite).sum()
+        self.skipped_nonfinite += (label_ok & ~ignored & ~finite).sum()
         self.skipped_labels += (~label_ok & ~ignored).sum()
 
     def _local_statistics(self) -> ClassStatistics:

@@ -15,6 +15,8 @@ from lightning_neural_collapse.functional.statistics import (
     ClassStatistics,
     GlobalMean,
     class_statistics,
+)
+from lightning_neural_collapse.functional.statistics import (
     global_mean as _global_mean,
 )
 
