@@ -89,6 +89,41 @@ def to_class_indices(targets: Any) -> Tensor:
     return targets.reshape(-1).long() if targets.ndim == 1 else targets.long()
 
 
+def class_indices(targets: Any, num_classes: int, ignore_index: int | None = None) -> Tensor:
+    """``(B,)`` class indices in ``[0, num_classes)``, ``-1`` for ``ignore_index`` and ``num_classes`` for an
+    invalid target, without host-device synchronisation (for batches after the first, validated one).
+
+    Invalid: an integer label outside ``[0, num_classes)`` that is not ``ignore_index``; a float row that is
+    not one-hot or a probability vector (negative, non-finite, not summing to 1: multi-label targets); float
+    targets of another shape than ``(B, num_classes)``; integer targets that are not ``(B,)``. Such samples
+    are then skipped and counted by the metrics, never assigned to a wrong class.
+
+    Example:
+        >>> class_indices(torch.tensor([0, 2, -100, 5, -3]), 3, ignore_index=-100).tolist()
+        [0, 2, -1, 3, 3]
+        >>> class_indices(torch.tensor([[0.2, 0.8], [1.0, 1.0]]), 2).tolist()
+        [1, 2]
+    """
+    if not isinstance(targets, Tensor):
+        raise BatchFormatError(
+            f"labels must be a tensor, got {type(targets).__name__}. Pass `label_getter=` to NeuralCollapseCallback."
+        )
+    batch = targets.shape[0] if targets.ndim else 1
+    if targets.is_floating_point():
+        if targets.ndim != 2 or targets.shape[1] != num_classes:
+            return torch.full((batch,), num_classes, dtype=torch.long, device=targets.device)
+        rows = targets.float()
+        valid = torch.isfinite(rows).all(dim=1) & (rows >= 0).all(dim=1) & ((rows.sum(dim=1) - 1).abs() <= 1e-3)
+        return torch.where(valid, rows.argmax(dim=1), num_classes)
+    if targets.ndim != 1 or targets.is_complex() or targets.dtype == torch.bool:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=targets.device)
+    labels = targets.long()
+    labels_out = torch.where((labels < 0) | (labels >= num_classes), num_classes, labels)
+    if ignore_index is not None:
+        labels_out = torch.where(labels == ignore_index, -1, labels_out)
+    return labels_out
+
+
 def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> None:
     """Validate one batch of targets (synchronises with the device; call it once, not every step).
 

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lightning_neural_collapse.batch import (
+    BatchFormatError,
     check_targets,
+    class_indices,
     default_input_getter,
     default_label_getter,
-    to_class_indices,
 )
 from lightning_neural_collapse.capture import FeatureCapture, classifier_parameters, find_classifier
 from lightning_neural_collapse.error import ClassificationError
@@ -29,6 +30,7 @@ from lightning_neural_collapse.functional.etf_deviation import etf_deviation, id
 from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.metric import NeuralCollapse
 from lightning_neural_collapse.ncc import NCCMismatch
+from lightning_neural_collapse.probe import FinalLayerProbe, is_compiled
 from lightning_neural_collapse.reporting import (
     log_dashboard,
     log_figure,
@@ -37,6 +39,8 @@ from lightning_neural_collapse.reporting import (
     plot_history,
     save_figure,
 )
+from lightning_neural_collapse.reporting._common import reset_warnings
+from lightning_neural_collapse.reporting.capabilities import log_dir as logger_dir
 from lightning_neural_collapse.tpt import TPTDetector
 
 Mode = Literal["online", "exact"]
@@ -100,6 +104,8 @@ class NeuralCollapseCallback(Callback):
     _error: ClassificationError | None
     _stats: NeuralCollapse | None
     _ncc: NCCMismatch | None
+    _probe: FinalLayerProbe | None
+    _pending_batch: Any
     _warned: set[str]
 
     def __init__(
@@ -158,6 +164,7 @@ class NeuralCollapseCallback(Callback):
         self._reset_run_state()
         self._reference_means: Tensor | None = None
         self._reference_present: Tensor | None = None
+        self._restored = False  # load_state_dict ran since the last fit: continue that run
 
     # ------------------------------------------------------------------ public API
 
@@ -190,6 +197,9 @@ class NeuralCollapseCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_run_state()
+        if not self._restored and trainer.global_step == 0 and trainer.current_epoch == 0:
+            self._new_run()  # a fresh run, not a resumed or continued one: nothing of an earlier fit carries over
+        reset_warnings()  # the reporting warnings too are once per run
         if trainer.fast_dev_run:  # type: ignore[attr-defined]
             rank_zero_info("NeuralCollapseCallback: disabled under `fast_dev_run`, nothing is measured.")
             return
@@ -214,6 +224,9 @@ class NeuralCollapseCallback(Callback):
         self._num_classes = self.num_classes or declared
         self._capture = FeatureCapture(module, features_module)
         self._capture.attach()
+        if self.classifier is None and not is_compiled(pl_module):
+            # found by a heuristic: check in the first step that nothing with weights runs on its output
+            self._probe = FinalLayerProbe(pl_module, module)
         self._active = True
 
     @override
@@ -244,6 +257,7 @@ class NeuralCollapseCallback(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active:
             self._epoch_pending = True
+            self._epoch_broken = False
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -251,8 +265,17 @@ class NeuralCollapseCallback(Callback):
             return
         if self._capture is not None:
             self._capture.clear()
+        if self._first_pending:
+            self._pending_batch = batch  # for the checks after the first forward (on_before_backward)
+            if self._probe is not None:
+                self._probe.start()
         if not self._batch_checked:
             self._check_first_batch(batch)
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        if self._active and self._first_pending:
+            self._check_first_forward(loss)  # before the first backward and optimizer step
 
     @override
     def on_train_batch_end(
@@ -260,6 +283,8 @@ class NeuralCollapseCallback(Callback):
     ) -> None:
         if not self._active or self._capture is None:
             return
+        if self._first_pending:
+            self._check_first_forward()  # no backward ran in this step: check now
         captured = self._capture.take()
         if captured is None:
             self._warn_once(
@@ -273,6 +298,18 @@ class NeuralCollapseCallback(Callback):
             self._allocate(features, logits)
             if not self._batch_checked:
                 self._check_first_batch(batch)
+        try:
+            self._accumulate(trainer, batch, features, logits)
+        except Exception as err:  # after the checks of the first step, never stop the run
+            self._epoch_broken = True
+            self._warn_once(
+                "batch-error",
+                f"NeuralCollapseCallback: a training batch of epoch {trainer.current_epoch} could not be measured "
+                f"({type(err).__name__}: {err}); nothing is logged for such an epoch. If the batch format changes "
+                "during training, pass `label_getter=` (and `input_getter=` for mode='exact').",
+            )
+
+    def _accumulate(self, trainer: Trainer, batch: Any, features: Tensor, logits: Tensor) -> None:
         labels = self._labels(batch, features.device)
         if labels.shape[0] != features.shape[0]:
             self._warn_once(
@@ -288,13 +325,23 @@ class NeuralCollapseCallback(Callback):
         if self._measuring and self._stats is not None:
             self._stats.update(features, labels)
             if self._ncc is not None:
-                self._ncc.update(features, logits)
+                self._ncc.update(_only_labelled(features, labels, self._num_classes), logits)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active or self._error is None or self._epoch_pending:
+        if not self._active:
             return
+        if self._epoch_pending and self._error is not None:
+            self._begin_epoch(trainer)  # no batch on this rank this epoch: take part in the collectives with nothing
         epoch = trainer.current_epoch
+        # one decision for all ranks (a rank that returned alone would leave the others hanging in a collective)
+        unready = self._error is None or self._epoch_pending  # this rank has not run a single batch yet
+        if trainer.strategy.reduce_boolean_decision(self._epoch_broken or unready, all=False):
+            if trainer.world_size > 1 and not self._epoch_broken:
+                self._warn_once("other-rank", f"NeuralCollapseCallback: epoch {epoch} is not measured: a rank "
+                                "could not measure a batch or has not run a training batch yet.")
+            return  # some batch could not be measured (warned): log nothing rather than a partial number
+        assert self._error is not None
         errors, total = self._error.counts()
         if total == 0:
             return
@@ -316,7 +363,10 @@ class NeuralCollapseCallback(Callback):
             )
             self.on_tpt_start(trainer, pl_module, epoch)
         self.history.append(record)
-        self._report(trainer, record, stats, weight)
+        try:
+            self._report(trainer, record, stats, weight)
+        except Exception as err:  # reporting never stops the run
+            self._warn_once("report", f"NeuralCollapseCallback: epoch {epoch} not fully reported: {err!r}")
         if stats is not None:
             self._reference_means = stats.means.detach().cpu()
             self._reference_present = stats.present.detach().cpu()
@@ -327,22 +377,27 @@ class NeuralCollapseCallback(Callback):
             return
         try:
             figure = plot_history(self.history, self.tpt_epoch, title=f"Neural Collapse ({self.mode} mode)")
-        except ImportError as err:
-            self._warn_once("figure", f"NeuralCollapseCallback: no figure: {err}")
-            return
-        log_figure(trainer.loggers, figure, step=trainer.global_step, tag=f"{self.prefix}/figure")
-        log_dir = trainer.log_dir
-        if log_dir is not None:
-            self.figure_path = save_figure(figure, os.path.join(log_dir, FIGURE_NAME))
+            log_figure(trainer.loggers, figure, step=trainer.global_step, tag=f"{self.prefix}/figure")
+            # not `trainer.log_dir`: it broadcasts (a collective) and only rank 0 gets here, so DDP would hang
+            log_dir = logger_dir(trainer.loggers[0]) or trainer.default_root_dir
+            if log_dir is not None:
+                self.figure_path = save_figure(figure, os.path.join(log_dir, FIGURE_NAME))
+        except Exception as err:  # a lost figure must not fail a finished run
+            self._warn_once(
+                "figure", f"NeuralCollapseCallback: no figure ({type(err).__name__}: {err}); set `log_figure=False` "
+                "to skip it. The scalars and `history` are complete."
+            )
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._detach()
+        self._detach()  # the history of the finished epochs stays
+        self._restored = False
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._detach()
+            self._restored = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -359,8 +414,16 @@ class NeuralCollapseCallback(Callback):
         self._tpt.load_state_dict(state_dict)
         self._reference_means = state_dict.get("reference_means")
         self._reference_present = state_dict.get("reference_present")
+        self._restored = True
 
     # ------------------------------------------------------------------ internals
+
+    def _new_run(self) -> None:
+        """Forget an earlier fit (history, TPT, class means): a new ``fit`` from step 0 is a new run."""
+        self.history = []
+        self._tpt = TPTDetector(self._tpt.threshold)
+        self._reference_means = self._reference_present = None
+        self.figure_path = None
 
     def _reset_run_state(self) -> None:
         self._active = False
@@ -374,10 +437,17 @@ class NeuralCollapseCallback(Callback):
         self._ncc = None
         self._measuring = False
         self._epoch_pending = False
+        self._epoch_broken = False
         self._batch_checked = False
+        self._first_pending = True
+        self._pending_batch = None
+        self._probe = None
         self._warned = set()
 
     def _detach(self) -> None:
+        if self._probe is not None:
+            self._probe.stop()
+        self._probe = self._pending_batch = None
         if self._capture is not None:
             self._capture.remove()
         self._capture = None
@@ -388,10 +458,61 @@ class NeuralCollapseCallback(Callback):
         """Validate labels (and inputs in exact mode) once, before the first optimizer step when possible."""
         if self._num_classes is None:
             return  # known after the first forward; checked then
-        check_targets(self.label_getter(batch), self._num_classes, self.ignore_index)
+        try:
+            check_targets(self.label_getter(batch), self._num_classes, self.ignore_index)
+        except BatchFormatError as err:
+            if not any(word in str(err) for word in ("out of range", "columns", "is negative")):
+                raise BatchFormatError(f"NeuralCollapseCallback: {err}") from None
+            # a disagreement with the number of classes: say where that number comes from
+            source = "`num_classes`" if self.num_classes is not None else f"the outputs of `{self._classifier_name}`"
+            hint = "" if self.num_classes is not None else (
+                " If that layer is not the one producing the logits, set `classifier=`."
+            )
+            raise BatchFormatError(
+                f"NeuralCollapseCallback ({self._num_classes} classes from {source}): {err}{hint}"
+            ) from None
         if self.mode == "exact":
             self.input_getter(batch)
         self._batch_checked = True
+
+    def _check_first_forward(self, loss: Tensor | None = None) -> None:
+        """Once, after the first training forward: the found classifier is the final layer, the logits match
+        the classes, the labels are valid. Raises before the first backward when the step has one."""
+        self._first_pending = False
+        probe, self._probe = self._probe, None
+        batch, self._pending_batch = self._pending_batch, None
+        if probe is not None:
+            try:
+                others = probe.other_heads(loss)
+            finally:
+                probe.stop()
+            if others and not probe.consumers:
+                self._warn_once(
+                    "other-heads",
+                    f"NeuralCollapseCallback took `{self._classifier_name}` as the classifier (the last nn.Linear), "
+                    f"but {', '.join(f'`{n}`' for n in others)} also feed(s) the loss (auxiliary or projection "
+                    "heads?). If the logits come from another layer, set `classifier=` to it; set "
+                    f"`classifier='{self._classifier_name}'` to confirm this choice and silence this warning.",
+                )
+            if probe.consumers:
+                assert self._classifier_module is not None
+                after = probe.consumers[-1]
+                raise MisconfigurationException(
+                    f"NeuralCollapseCallback found `{self._classifier_name}` "
+                    f"({type(self._classifier_module).__name__}) as the classifier, but `{after}` runs on its output "
+                    f"in the training step, so its output is not the logits. Set `classifier='{after}'` (and "
+                    "`features=` if the penultimate features are not that layer's input); if "
+                    f"`{self._classifier_name}` is the classifier after all, set "
+                    f"`classifier='{self._classifier_name}'`."
+                )
+        assert self._capture is not None
+        captured = self._capture.peek()
+        if captured is None:
+            return  # the classifier did not run: warned in on_train_batch_end
+        if self._error is None:
+            self._allocate(*captured)
+        if not self._batch_checked and batch is not None:
+            self._check_first_batch(batch)
 
     def _allocate(self, features: Tensor, logits: Tensor) -> None:
         num_classes = logits.shape[1]
@@ -415,10 +536,12 @@ class NeuralCollapseCallback(Callback):
         self._error = ClassificationError(num_classes).to(features.device)
 
     def _labels(self, batch: Any, device: torch.device) -> Tensor:
-        labels = to_class_indices(self.label_getter(batch)).to(device, non_blocking=True)
-        if self.ignore_index is not None:
-            labels = torch.where(labels == self.ignore_index, torch.full_like(labels, -1), labels)
-        return labels
+        """Class indices; ``-1`` for ``ignore_index`` (dropped silently), ``num_classes`` for an invalid target
+        (dropped and counted), without host-device sync."""
+        assert self._num_classes is not None
+        return class_indices(self.label_getter(batch), self._num_classes, self.ignore_index).to(
+            device, non_blocking=True
+        )
 
     def _new_statistics(self, device: torch.device) -> NeuralCollapse:
         assert self._num_classes is not None and self._dim is not None
@@ -472,7 +595,7 @@ class NeuralCollapseCallback(Callback):
             assert self._stats is not None
             stats = self._stats.statistics()
             skipped = self._stats.skipped()
-            ncc = self._ncc.compute() if self._ncc is not None else math.nan
+            ncc = self._ncc.fraction() if self._ncc is not None else math.nan
             error = math.nan
         weight, _ = self._weight_and_bias()
         values = metrics_from_statistics(stats, weight, global_mean=self.global_mean)
@@ -481,17 +604,37 @@ class NeuralCollapseCallback(Callback):
         if math.isfinite(error):
             values["train_error"] = error
         values["skipped_samples"] = float(skipped["nonfinite"] + skipped["bad_label"])
+        epoch = trainer.current_epoch
         if skipped["nonfinite"]:
             self._warn_once(
                 "nonfinite",
-                f"NeuralCollapseCallback: {skipped['nonfinite']} samples with NaN/Inf features were skipped "
-                f"(logged as `{self.prefix}/skipped_samples`).",
+                f"NeuralCollapseCallback: {skipped['nonfinite']} samples of epoch {epoch} had NaN/Inf features and "
+                f"were left out of every metric (the count is logged as `{self.prefix}/skipped_samples` each "
+                "epoch). The model produced them; if the captured layer is not the one meant, set `features=` "
+                "or `classifier=`.",
             )
         if skipped["bad_label"]:
             self._warn_once(
                 "bad-label",
-                f"NeuralCollapseCallback: {skipped['bad_label']} samples had labels outside [0, {self._num_classes}) "
-                "and were skipped; set `num_classes=`, `ignore_index=` or `label_getter=`.",
+                f"NeuralCollapseCallback: {skipped['bad_label']} samples of epoch {epoch} had invalid labels (outside "
+                f"[0, {self._num_classes}), negative but not `ignore_index`, or float targets that are not one-hot "
+                f"or probabilities) and were left out of every metric (counted in `{self.prefix}/skipped_samples`). "
+                "Set `num_classes=` (and `classifier=`), `ignore_index=` or `label_getter=`.",
+            )
+        present = stats.present.tolist()
+        absent = [c for c, here in enumerate(present) if not here]
+        if sum(present) == 1:
+            self._warn_once(
+                "one-class",
+                f"NeuralCollapseCallback: only class {present.index(True)} has samples in epoch {epoch}; NC1, NC2 "
+                "of the means and NC3 need two classes and are not logged. Check the data or `label_getter=`.",
+            )
+        elif absent:
+            self._warn_once(
+                "absent",
+                f"NeuralCollapseCallback: class(es) {absent[:10]}{'...' if len(absent) > 10 else ''} had no sample "
+                f"in epoch {epoch} and are left out of every metric (C = {sum(present)} present classes). Expected "
+                "on a subset of the data; otherwise check the labels (`label_getter=`).",
             )
         return stats, weight, values
 
@@ -511,10 +654,10 @@ class NeuralCollapseCallback(Callback):
             stats = stats_metric.statistics()
             ncc = NCCMismatch(stats.means, stats.present).to(device)
             for batch in loader:
-                features, logits, _ = self._forward(trainer, pl_module, batch)
-                ncc.update(features, logits)
+                features, logits, labels = self._forward(trainer, pl_module, batch)
+                ncc.update(_only_labelled(features, labels, self._num_classes), logits)
         errors, total = error.counts()
-        return stats, errors / max(total, 1), ncc.compute(), stats_metric.skipped()
+        return stats, errors / max(total, 1), ncc.fraction(), stats_metric.skipped()
 
     def _forward(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         assert self._capture is not None
@@ -544,6 +687,12 @@ class NeuralCollapseCallback(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
+
+
+def _only_labelled(features: Tensor, labels: Tensor, num_classes: int | None) -> Tensor:
+    """``features`` with NaN rows for ignored or invalid labels, which NC4 then skips like the other metrics."""
+    counted = (labels >= 0) & (labels < (num_classes or 0))
+    return torch.where(counted[:, None].to(features.device), features, torch.full_like(features, math.nan))
 
 
 def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -118,6 +118,12 @@ class FeatureCapture:
         self._features = None
         self._logits = None
 
+    def peek(self) -> tuple[Tensor, Tensor] | None:
+        """Like :meth:`take`, but keeps the tensors (for a check before the training step has ended)."""
+        if self._features is None or self._logits is None:
+            return None
+        return self._features.flatten(1), self._logits.flatten(1)
+
     def take(self) -> tuple[Tensor, Tensor] | None:
         """``(features (B, D), logits (B, C))`` of the latest forward, then forget them; ``None`` if none ran."""
         features, logits = self._features, self._logits

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_neural_collapse.functional.collapse import metrics_from_statistics
 from lightning_neural_collapse.functional.statistics import GLOBAL_MEAN_CHOICES, ClassStatistics, GlobalMean
@@ -157,14 +158,18 @@ class NeuralCollapse(Metric):
             return self._local_statistics()
 
     def skipped(self) -> dict[str, int]:
-        """Samples dropped since the last reset, summed over ranks (a collective).
+        """Samples dropped since the last reset, summed over ranks (a collective, on these two counters only:
+        the ``C x D`` and ``D x D`` states are not sent again).
 
         Returns:
             ``{"nonfinite": ..., "bad_label": ...}``: samples with NaN/Inf features, and samples whose
             label was outside ``[0, num_classes)`` (``ignore_index`` excluded).
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
-            return {"nonfinite": int(self.skipped_nonfinite.item()), "bad_label": int(self.skipped_labels.item())}
+        counts = torch.stack([self.skipped_nonfinite, self.skipped_labels])
+        if self._to_sync and not self._is_synced and self.distributed_available_fn():
+            sync_fn = self.dist_sync_fn or gather_all_tensors
+            counts = torch.stack(sync_fn(counts, group=self.process_group)).sum(dim=0)
+        return {"nonfinite": int(counts[0].item()), "bad_label": int(counts[1].item())}
 
     def compute(self, weight: Tensor | None = None, bias: Tensor | None = None) -> dict[str, float]:
         """Every SPEC.md key but ``nc4_ncc_mismatch`` (see :class:`NCCMismatch` for that one).

@@ -68,3 +68,9 @@ class NCCMismatch(Metric):
     def compute(self) -> float:
         """The mismatch fraction in ``[0, 1]``; ``nan`` when no sample was seen."""
         return float(self.mismatches / self.total) if float(self.total) > 0 else float("nan")
+
+    def fraction(self) -> float:
+        """:meth:`compute` summed over ranks (a collective), without torchmetrics' "compute before update"
+        warning: under DDP a rank that saw no sample this epoch is normal (uneven shards)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
+            return float(self.mismatches / self.total) if float(self.total) > 0 else float("nan")

@@ -1,0 +1,145 @@
+"""A one-step check that an automatically found classifier really is the model's final layer.
+
+``find_classifier`` falls back to the last ``nn.Linear`` of a model. When the real head is something else
+that runs after it (a 1x1 ``Conv2d``, a cosine classifier, a custom module with its own weight), that
+Linear's output is not the logits and every number would be silently wrong. During the forward pass of
+the first training step, :class:`FinalLayerProbe` watches every module call (a global forward hook that
+is removed right after) and, through the autograd graph,
+
+- lists the modules with parameters of their own that consume the classifier's output (the classifier
+  is then not the final layer: an error), and
+- lists the other ``nn.Linear`` layers whose output reaches the loss without passing through another
+  layer with parameters (auxiliary or projection heads: the choice is ambiguous, a warning).
+
+Nothing runs after the first step. Compiled models are left alone (:func:`is_compiled`): a global hook
+would cost them a recompilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
+from torch.utils.hooks import RemovableHandle
+
+_MAX_NODES = 100_000  # bound on one walk of the autograd graph (first step only)
+
+
+class FinalLayerProbe:
+    """Watches one training forward for layers that run on, or next to, the assumed ``classifier``.
+
+    Args:
+        model: the module whose submodules are watched (others are ignored).
+        classifier: the layer assumed to produce the logits.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> probe = FinalLayerProbe(net, net[0])  # not the final layer
+        >>> probe.start()
+        >>> loss = net(torch.randn(2, 4)).sum()
+        >>> probe.consumers, probe.other_heads(loss)
+        (['2'], ['2'])
+        >>> probe.stop()
+    """
+
+    def __init__(self, model: nn.Module, classifier: nn.Module) -> None:
+        self._names = {id(module): name for name, module in model.named_modules()}
+        self._linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        self._classifier = classifier
+        own = self._names.get(id(classifier), "")
+        parts = own.split(".") if own else []
+        self._skip = {".".join(parts[:i]) for i in range(len(parts))} | {own}  # the classifier and its ancestors
+        self._inside = own + "." if own else None
+        self._output_node: Any = None
+        self._boundaries: dict[int, tuple[Any, list[str]]] = {}  # outputs of the modules with own parameters
+        self._handle: RemovableHandle | None = None
+        self.consumers: list[str] = []
+        """Dotted names of the modules with own parameters that took the classifier's output, in call order."""
+
+    def start(self) -> None:
+        """Start watching (idempotent)."""
+        if self._handle is None:
+            self._handle = register_module_forward_hook(self._hook)
+
+    def stop(self) -> None:
+        """Stop watching and drop every reference to the step's autograd graph (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._output_node = None
+        self._boundaries.clear()
+
+    def other_heads(self, loss: Any) -> list[str]:
+        """The ``nn.Linear`` layers other than the classifier whose output reaches ``loss`` directly (not
+        through another layer with parameters) and does not feed the classifier (a loss term on the features
+        is fine), in no particular order; ``[]`` when unknown."""
+        if not isinstance(loss, Tensor) or loss.grad_fn is None or self._output_node is None:
+            return []
+        found: dict[str, Any] = {}
+        stack: list[Any] = [loss.grad_fn]
+        seen: set[int] = set()
+        while stack and len(seen) < _MAX_NODES:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node is self._output_node:
+                continue
+            boundary = self._boundaries.get(id(node))
+            if boundary is not None:
+                found.update({name: node for name in boundary[1][:1] if name in self._linears})
+                continue
+            stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+        return [name for name, node in found.items() if not _reaches(self._output_node, node)]
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module is self._classifier:
+            node = output.grad_fn if isinstance(output, Tensor) else None
+            if node is not None:  # a later call (two forwards per step) replaces an earlier one
+                self._output_node = node
+                self.consumers.clear()
+            return
+        if not isinstance(output, Tensor) or output.grad_fn is None:
+            return
+        name = self._names.get(id(module))
+        if name is None or name in self._skip or (self._inside is not None and name.startswith(self._inside)):
+            return
+        if next(module.parameters(recurse=False), None) is None:
+            return
+        node = output.grad_fn
+        self._boundaries.setdefault(id(node), (node, []))[1].append(name)
+        if self._output_node is not None and name not in self.consumers and _reaches(node, self._output_node):
+            self.consumers.append(name)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule runs through ``torch.compile`` (``Trainer.fit(torch.compile(m))``,
+    ``torch.compile(submodule)`` or ``module.compile()``): a global hook there would force a recompilation.
+
+    Example:
+        >>> is_compiled(nn.Linear(2, 2))
+        False
+    """
+    if getattr(model, "_compiler_ctx", None):  # Lightning unwrapped a compiled LightningModule
+        return True
+    return any(
+        hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+        for module in model.modules()
+    )
+
+
+def _reaches(start: Any, target: Any) -> bool:
+    """Whether ``target`` is among the autograd nodes ``start`` depends on (bounded walk)."""
+    stack: list[Any] = [start]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_NODES:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+    return False

@@ -1,0 +1,26 @@
+"""Send Neural Collapse numbers to Lightning loggers: scalars, histograms, a dashboard and figures.
+
+Everything here takes plain numbers and tensors, dispatches on what each logger can do (duck typing, so
+``pytorch_lightning`` loggers work too), runs on global rank 0 only, and never raises out of a logging
+call: a failure becomes one ``RuntimeWarning`` per (logger type, kind) and the run goes on.
+"""
+
+from lightning_neural_collapse.reporting.capabilities import can_log_figure, histogram_kind, log_dir
+from lightning_neural_collapse.reporting.dashboard import dashboard_layout, log_dashboard
+from lightning_neural_collapse.reporting.figures import log_figure, plot_history, save_figure
+from lightning_neural_collapse.reporting.histograms import bin_edges, log_histograms
+from lightning_neural_collapse.reporting.scalars import log_scalars
+
+__all__ = [
+    "bin_edges",
+    "can_log_figure",
+    "dashboard_layout",
+    "histogram_kind",
+    "log_dashboard",
+    "log_dir",
+    "log_figure",
+    "log_histograms",
+    "log_scalars",
+    "plot_history",
+    "save_figure",
+]

@@ -1,0 +1,187 @@
+"""A one-figure summary of a run (the panels of Papyan et al. 2020, Figs 2-7) and where to send it."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_neural_collapse.reporting._common import finite_float, warn_once
+from lightning_neural_collapse.reporting.capabilities import experiment_of, figure_kind
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+# (panel title, y label, ((history key, legend label, line style), ...))
+_PANELS: tuple[tuple[str, str, tuple[tuple[str, str, str], ...]], ...] = (
+    ("NC1: within-class variability", r"$\mathrm{Tr}(\Sigma_W \Sigma_B^{+})/C$", (("nc1", "", "-"),)),
+    ("NC1: CDNV", "class-distance normalised var.", (("nc1_cdnv", "", "-"),)),
+    (
+        "NC2: equinorm",
+        "Std / Avg of norms",
+        (("nc2_equinorm_means", "class means", "-"), ("nc2_equinorm_weights", "classifier", "--")),
+    ),
+    (
+        "NC2: equiangularity",
+        "Std of cosines",
+        (("nc2_equiangular_means", "class means", "-"), ("nc2_equiangular_weights", "classifier", "--")),
+    ),
+    (
+        "NC2: max-angle",
+        r"Avg $|\cos + 1/(C-1)|$",
+        (("nc2_maxangle_means", "class means", "-"), ("nc2_maxangle_weights", "classifier", "--")),
+    ),
+    ("NC3: self-duality", r"$\|W^T/\|W\| - M/\|M\|\|^2$", (("nc3_self_duality", "", "-"),)),
+    ("NC4: NCC mismatch", "fraction of samples", (("nc4_ncc_mismatch", "", "-"),)),
+    ("Training error", "fraction misclassified", (("train_error", "", "-"),)),
+)
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in history:
+        epoch, value = finite_float(row.get("epoch")), finite_float(row.get(key))
+        if epoch is not None and value is not None:
+            xs.append(epoch)
+            ys.append(value)
+    return xs, ys
+
+
+def _panel(ax: Axes, history: Sequence[Mapping[str, Any]], title: str, ylabel: str,
+           lines: tuple[tuple[str, str, str], ...], tpt_epoch: int | None) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    plotted: list[float] = []
+    for key, label, style in lines:
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, style, marker="o", markersize=2.5, linewidth=1.3, label=label or key)
+            plotted.extend(ys)
+    if plotted and min(plotted) > 0:
+        ax.set_yscale("log")
+    if not plotted:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+    elif len(lines) > 1:
+        ax.legend(fontsize=8, frameon=False)
+    if tpt_epoch is not None:
+        ax.axvline(tpt_epoch, color="0.35", linestyle="--", linewidth=1.0)
+        ax.text(tpt_epoch, 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top",
+                fontsize=8, color="0.35")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("epoch", fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_history(
+    history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str | None = None
+) -> Figure:
+    """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with 8 panels against the epoch: NC1,
+    NC1 CDNV, NC2 equinorm, NC2 equiangularity, NC2 max-angle (class means solid, classifier dashed),
+    NC3 self-duality, NC4 NCC mismatch and training error.
+
+    ``history`` holds one mapping per measurement with ``"epoch"`` and any of the keys ``train_error``,
+    ``nc1``, ``nc1_cdnv``, ``nc2_*_means``/``nc2_*_weights``, ``nc3_self_duality``, ``nc4_ncc_mismatch``;
+    missing or non-finite values are skipped. Panels whose values are all positive use a log y axis.
+    ``tpt_epoch`` draws a dashed line labelled "TPT" in every panel.
+
+    Raises:
+        ImportError: if matplotlib is not installed (``pip install lightning-neural-collapse[plot]``).
+
+    Example:
+        >>> figure = plot_history([{"epoch": 0, "nc1": 2.0}, {"epoch": 1, "nc1": 0.5, "train_error": 0.0}], 1)
+        >>> len(figure.axes), figure.axes[0].get_yscale()
+        (8, 'log')
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "plot_history needs matplotlib: pip install 'lightning-neural-collapse[plot]'"
+        ) from err
+    figure = Figure(figsize=(13.0, 6.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 4).ravel()
+    # fixed margins: a layout engine would triple the drawing time
+    figure.subplots_adjust(left=0.055, right=0.99, bottom=0.08, top=0.9 if title else 0.94, wspace=0.4, hspace=0.45)
+    for ax, (panel_title, ylabel, lines) in zip(axes, _PANELS, strict=True):
+        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch)
+    if title:
+        figure.suptitle(title, fontsize=12)
+    return figure
+
+
+def _to_rgb(figure: Figure) -> np.ndarray:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+@rank_zero_only
+def log_figure(loggers: Sequence[Logger], figure: Figure, step: int, tag: str = "nc/figure") -> None:
+    """Show ``figure`` under ``tag`` on each logger that takes images; returns nothing.
+
+    TensorBoard: ``experiment.add_figure(tag, figure, global_step=step, close=False)``; W&B:
+    ``logger.log_image(key=tag, images=[rgb_array], step=step)``; other loggers: nothing (see
+    :func:`save_figure` for a file). The figure stays open. Failures give one ``RuntimeWarning`` per
+    logger type. Runs on global rank 0 only.
+    """
+    for logger in loggers:
+        try:
+            kind = figure_kind(logger)
+            if kind == "tensorboard":
+                experiment_of(logger).add_figure(tag, figure, global_step=step, close=False)
+            elif kind == "wandb":
+                logger.log_image(key=tag, images=[_to_rgb(figure)], step=step)  # type: ignore[attr-defined]
+        except Exception as err:
+            warn_once(logger, "figures", err)
+
+
+@rank_zero_only
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> str | None:
+    """Save ``figure`` as a compact PNG (100 dpi, 256-colour palette when Pillow is present) at ``path``,
+    creating its directory.
+
+    Returns the path written, or ``None`` when writing failed (one ``RuntimeWarning`` per process, no
+    exception) or on ranks other than 0.
+    """
+    target = os.fspath(path)
+    try:
+        directory = os.path.dirname(target)
+        if directory:
+            os.makedirs(directory, exist_ok=True)  # first: fail fast, before drawing
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, facecolor="white", metadata={"Software": None})
+        data = _palette_png(buffer.getvalue())
+        with open(target, "wb") as handle:
+            handle.write(data)
+    except Exception as err:  # OSError above all; a lost plot must not stop training
+        warn_once("save_figure", "a figure file", err)
+        return None
+    return target
+
+
+def _palette_png(png: bytes) -> bytes:
+    """``png`` re-encoded with a 256-colour palette (about 3x smaller for line plots), or as is."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a matplotlib dependency
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        palette = image.convert("RGB").quantize(colors=256)
+    out = io.BytesIO()
+    palette.save(out, format="png", optimize=True)
+    return out.getvalue()
+

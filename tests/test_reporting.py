@@ -1,0 +1,276 @@
+"""Tests for ``lightning_neural_collapse.reporting``: real TensorBoard/CSV loggers read back from disk."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_neural_collapse.reporting import (
+    can_log_figure,
+    dashboard_layout,
+    histogram_kind,
+    log_dashboard,
+    log_dir,
+    log_figure,
+    log_histograms,
+    log_scalars,
+    plot_history,
+    save_figure,
+)
+from lightning_neural_collapse.reporting._common import reset_warnings
+
+SIZES = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    reset_warnings()
+
+
+def _read_tb(logger: TensorBoardLogger) -> EventAccumulator:
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance=SIZES)
+    acc.Reload()
+    return acc
+
+
+def _read_csv(logger: CSVLogger) -> list[dict[str, str]]:
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _history(epochs: int = 20) -> list[dict[str, float]]:
+    rows: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        decay = math.exp(-0.3 * epoch)
+        row: dict[str, float] = {
+            "epoch": epoch,
+            "train_error": max(0.0, 0.5 - 0.05 * epoch),
+            "nc1": 3.0 * decay,
+            "nc2_equinorm_means": 0.4 * decay,
+            "nc2_equinorm_weights": 0.2 * decay,
+            "nc2_equiangular_means": 0.3 * decay,
+            "nc2_equiangular_weights": 0.25 * decay,
+            "nc2_maxangle_means": 0.5 * decay,
+            "nc2_maxangle_weights": 0.4 * decay,
+            "nc3_self_duality": 0.8 * decay,
+            "nc4_ncc_mismatch": 0.1 * decay,
+        }
+        if epoch % 3:  # CDNV and NC4 measured every third epoch only
+            del row["nc4_ncc_mismatch"]
+        else:
+            row["nc1_cdnv"] = decay
+        if epoch == 5:
+            row["nc1"] = float("nan")
+        rows.append(row)
+    return rows
+
+
+class _NoMethods:
+    """A logger-like object with an experiment that cannot take anything and no ``log_metrics``."""
+
+    experiment = object()
+
+
+class _Raising:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        raise RuntimeError("backend down")
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, Any], int | None]] = []
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.calls.append((dict(metrics), step))
+
+
+def test_scalars_reach_tensorboard_and_csv(tmp_path: Path) -> None:
+    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    log_scalars([tb, csv_logger], {"nc/nc1": 0.25, "nc/train_error": torch.tensor(0.5)}, step=3)
+    log_scalars([tb, csv_logger], {"nc/nc1": 0.125, "nc/nc3_cosine": float("nan")}, step=7)
+    events = _read_tb(tb).Scalars("nc/nc1")
+    assert [(e.step, e.value) for e in events] == [(3, 0.25), (7, 0.125)]
+    assert "nc/nc3_cosine" not in _read_tb(tb).Tags()["scalars"]
+    rows = _read_csv(csv_logger)
+    assert [(r["step"], float(r["nc/nc1"])) for r in rows] == [("3", 0.25), ("7", 0.125)]
+    assert float(rows[0]["nc/train_error"]) == 0.5
+
+
+def test_histograms_tensorboard_fixed_cosine_bins(tmp_path: Path) -> None:
+    tb = TensorBoardLogger(tmp_path)
+    assert histogram_kind(tb) == "tensorboard"
+    values = {
+        "cosines_means": torch.tensor([-0.34, -0.32, -0.33, 1.0000001, float("nan")], dtype=torch.float64),
+        "norms_means": torch.tensor([0.9, 1.0, 1.1], dtype=torch.float64),
+        "norms_weights": torch.ones(4, dtype=torch.float64),  # constant: a perfect ETF
+    }
+    log_histograms([tb], values, step=5, ideal={"cosines_means": -1 / 3, "norms_means": 1.0})
+    acc = _read_tb(tb)
+    assert set(acc.Tags()["histograms"]) == {"nc/hist/cosines_means", "nc/hist/norms_means", "nc/hist/norms_weights"}
+    (event,) = acc.Histograms("nc/hist/cosines_means")
+    assert event.step == 5 and event.histogram_value.num == 4
+    limits = event.histogram_value.bucket_limit
+    assert all(-1.0 <= limit <= 1.0 for limit in limits)
+    assert all(abs(limit * 20 - round(limit * 20)) < 1e-9 for limit in limits)  # edges of linspace(-1, 1, 41)
+    assert acc.Histograms("nc/hist/norms_weights")[0].histogram_value.num == 4
+    gaps = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
+    assert set(gaps) == {"nc/cosines_means_gap", "nc/norms_means_gap"}
+    assert gaps["nc/norms_means_gap"] == pytest.approx(0.2 / 3)
+    assert "nc/cosines_means_median" not in gaps  # TensorBoard gets histograms, not quantiles
+
+
+def test_histograms_csv_get_quantiles(tmp_path: Path) -> None:
+    csv_logger = CSVLogger(tmp_path)
+    assert histogram_kind(csv_logger) is None
+    values = {"norms_means": torch.tensor([0.5, 1.0, 1.5, float("inf")]), "empty": torch.tensor([])}
+    log_histograms([csv_logger], values, step=2, prefix="nc_val", ideal={"norms_means": 1.0})
+    (row,) = _read_csv(csv_logger)
+    got = {key: float(value) for key, value in row.items() if key.startswith("nc_val/")}
+    assert got == {
+        "nc_val/norms_means_min": 0.5,
+        "nc_val/norms_means_q25": 0.75,
+        "nc_val/norms_means_median": 1.0,
+        "nc_val/norms_means_q75": 1.25,
+        "nc_val/norms_means_max": 1.5,
+        "nc_val/norms_means_gap": pytest.approx(1 / 3),
+    }
+    assert row["step"] == "2"
+
+
+def test_empty_and_non_finite_do_not_raise_or_warn(tmp_path: Path) -> None:
+    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log_histograms([tb, csv_logger], {"cosines_means": torch.tensor([])}, step=0)
+        log_histograms([tb, csv_logger], {"cosines_means": torch.tensor([float("nan"), float("inf")])}, step=1)
+        log_histograms([tb], {"cosines_means": torch.tensor([0.5])}, step=2, ideal={"cosines_means": math.nan})
+        log_scalars([tb, csv_logger], {"nc/nc1": float("nan")}, step=3)
+    assert _read_tb(tb).Tags()["histograms"] == ["nc/hist/cosines_means"]
+
+
+@pytest.mark.parametrize("bad", [_NoMethods(), _Raising()], ids=["no-methods", "log-metrics-raises"])
+def test_broken_logger_warns_once_and_continues(tmp_path: Path, bad: object) -> None:
+    recorder = _Recorder()
+    loggers: list[Any] = [bad, recorder]
+    figure = plot_history([], None)
+    with pytest.warns(RuntimeWarning) as record:
+        for step in range(3):
+            log_histograms(loggers, {"cosines_means": torch.tensor([-0.5, -0.4])}, step=step)
+            log_scalars(loggers, {"nc/nc1": 1.0}, step=step)
+            log_figure(loggers, figure, step=step)
+            log_dashboard(loggers)
+    runtime = [w for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1, [str(w.message) for w in runtime]
+    assert type(bad).__name__ in str(runtime[0].message)
+    assert len(recorder.calls) == 6  # the healthy logger got every call
+
+
+def test_broken_tensorboard_writer_falls_back_to_quantiles() -> None:
+    class Writer:
+        def add_histogram(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("disk full")
+
+    class BrokenTB(_Recorder):
+        experiment = Writer()
+
+    logger = BrokenTB()
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        log_histograms([logger], {"norms_means": torch.tensor([1.0, 2.0])}, step=4)
+    ((metrics, step),) = logger.calls
+    assert step == 4 and metrics["nc/norms_means_median"] == 1.5
+
+
+def test_dashboard_layout_written(tmp_path: Path) -> None:
+    layout = dashboard_layout("nc")
+    (charts,) = layout.values()
+    assert {"NC1", "NC2 equinorm", "NC2 equiangularity", "NC2 max-angle", "NC2 ETF distance", "NC3", "NC4",
+            "Training error"} <= set(charts)
+    assert charts["NC2 equinorm"] == ["Multiline", ["^nc/nc2_equinorm_means$", "^nc/nc2_equinorm_weights$"]]
+    assert charts["Training error"][1] == ["^nc/train_error$"]
+    assert len(dashboard_layout(["nc", "nc_val"])) == 2
+    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    log_dashboard([tb, csv_logger])
+    acc = _read_tb(tb)
+    assert "custom_scalars__config__" in acc.PluginTagToContent("custom_scalars")
+    (event,) = acc.Tensors("custom_scalars__config__")
+    written = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    (category,) = written.category
+    assert category.title == "Neural collapse (nc)"
+    nc1 = next(chart for chart in category.chart if chart.title == "NC1")
+    assert list(nc1.multiline.tag) == ["^nc/nc1$", "^nc/nc1_cdnv$"]
+
+
+def test_plot_history_save_and_log(tmp_path: Path) -> None:
+    figure = plot_history(_history(), tpt_epoch=10, title="synthetic run")
+    assert len(figure.axes) >= 7
+    nc1_axis = figure.axes[0]
+    assert nc1_axis.get_yscale() == "log" and nc1_axis.get_xlabel() == "epoch"
+    assert figure.axes[-1].get_yscale() == "linear"  # training error reaches 0
+    assert all(any(t.get_text().strip() == "TPT" for t in ax.texts) for ax in figure.axes)
+    path = save_figure(figure, tmp_path / "plots" / "history.png")
+    assert path is not None and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(path).stat().st_size < 200_000
+
+    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    assert can_log_figure(tb) and not can_log_figure(csv_logger)
+    assert log_dir(tb) == tb.log_dir and log_dir(csv_logger) == csv_logger.log_dir and log_dir(object()) is None
+    log_figure([tb, csv_logger], figure, step=9, tag="nc/summary")
+    (image,) = _read_tb(tb).Images("nc/summary")
+    assert image.step == 9 and image.width == 1300 and image.height == 620
+
+
+def test_save_figure_unwritable_path_warns(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    figure = plot_history([{"epoch": 0, "nc1": 1.0}], None)
+    with pytest.warns(RuntimeWarning, match="save_figure"):
+        assert save_figure(figure, blocker / "sub" / "history.png") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        assert save_figure(figure, blocker / "history.png") is None
+
+
+def test_plot_history_edge_cases() -> None:
+    figure = plot_history([], tpt_epoch=None)
+    assert len(figure.axes) == 8
+    assert all(any(t.get_text() == "no data" for t in ax.texts) for ax in figure.axes)
+
+
+def test_wandb_like_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Histogram:
+        def __init__(self, np_histogram: tuple[Any, Any]) -> None:
+            self.counts, self.edges = np_histogram
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Histogram=Histogram))
+
+    class WandbLogger(_Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.images: list[tuple[str, list[Any], int | None]] = []
+
+        def log_image(self, key: str, images: list[Any], step: int | None = None) -> None:
+            self.images.append((key, images, step))
+
+    logger = WandbLogger()
+    assert histogram_kind(logger) == "wandb" and can_log_figure(logger)
+    log_histograms([logger], {"cosines_means": torch.tensor([-0.5, -0.45])}, step=3, ideal={"cosines_means": -0.5})
+    ((metrics, step),) = logger.calls  # histograms and gaps in one call
+    hist = metrics.pop("nc/hist/cosines_means")
+    assert step == 3 and len(hist.edges) == 41 and hist.counts.sum() == 2
+    assert metrics == {"nc/cosines_means_gap": pytest.approx(0.025)}
+    log_figure([logger], plot_history([], None, title="w&b"), step=4)
+    ((key, (image,), image_step),) = logger.images
+    assert key == "nc/figure" and image_step == 4 and image.shape == (620, 1300, 3)
