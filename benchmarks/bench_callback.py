@@ -127,9 +127,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is dropped")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds over the configurations")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is steadier on a shared or busy CPU)")
     parser.add_argument("--configs", default="none,online,exact,exact/5",
                         help="comma-separated: none, online, exact, or MODE/N for every_n_epochs=N")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(args.samples, 3, 32, 32, generator=g),

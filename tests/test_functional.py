@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -27,14 +25,7 @@ from reference import (
 
 from lightning_neural_collapse.functional import neural_collapse_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors, one intra-op thread: with two, OpenMP waits cost 10-100x if another process is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def package_metrics(case: Case, dtype: torch.dtype, **kwargs: object) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,13 +31,7 @@ from lightning_neural_collapse.functional import neural_collapse_metrics
 CHUNK = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors, one intra-op thread: with two, OpenMP waits cost 10-100x if another process is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feed(metric: NeuralCollapse, features: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) -> None:

@@ -52,13 +52,7 @@ QUIET: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster, and immune to a busy second core (OpenMP barriers stall there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BOOK_KEYS = ("epoch", "step", "train_error", "skipped_samples", "tpt_epoch")

@@ -19,6 +19,10 @@ class BatchFormatError(ValueError):
     """A batch the callback cannot read; the message names the option that fixes it."""
 
 
+class ClassCountError(BatchFormatError):
+    """Labels that disagree with the number of classes (out of range, negative, too many columns)."""
+
+
 def default_label_getter(batch: Any) -> Any:
     """The labels of a batch: ``batch[1]`` of a tuple or list, or the first of :data:`LABEL_KEYS` of a dict.
 
@@ -69,24 +73,6 @@ def default_input_getter(batch: Any) -> Any:
         f"cannot find the model input in a batch of type {type(batch).__name__}. Pass `input_getter=` "
         "(a function batch -> model input) to NeuralCollapseCallback, or use mode='online'."
     )
-
-
-def to_class_indices(targets: Any) -> Tensor:
-    """Integer class indices from integer labels ``(B,)`` or one-hot / soft targets ``(B, C)`` (argmax).
-
-    Cheap and free of host-device synchronisation; :func:`check_targets` validates values once.
-
-    Example:
-        >>> to_class_indices(torch.tensor([[0.1, 0.9], [1.0, 0.0]])).tolist()
-        [1, 0]
-    """
-    if not isinstance(targets, Tensor):
-        raise BatchFormatError(
-            f"labels must be a tensor, got {type(targets).__name__}. Pass `label_getter=` to NeuralCollapseCallback."
-        )
-    if targets.ndim == 2 and targets.is_floating_point():
-        return targets.argmax(dim=1)
-    return targets.reshape(-1).long() if targets.ndim == 1 else targets.long()
 
 
 def class_indices(targets: Any, num_classes: int, ignore_index: int | None = None) -> Tensor:
@@ -141,7 +127,7 @@ def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> N
                 "one-hot/probability targets. Convert them in `label_getter=`."
             )
         if targets.shape[1] != num_classes:
-            raise BatchFormatError(
+            raise ClassCountError(
                 f"targets of shape {tuple(targets.shape)} have {targets.shape[1]} columns but the classifier has "
                 f"{num_classes} classes. Set `num_classes=` or `label_getter=`."
             )
@@ -165,11 +151,11 @@ def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> N
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0:
-        raise BatchFormatError(
+        raise ClassCountError(
             f"label {low} is negative; set `ignore_index={low}` if it marks samples to skip, or fix `label_getter=`."
         )
     if high >= num_classes:
-        raise BatchFormatError(
+        raise ClassCountError(
             f"label {high} is out of range for {num_classes} classes; set `num_classes=` to at least {high + 1} "
             "(and make sure the classifier has that many outputs)."
         )

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_neural_collapse.batch import (
     BatchFormatError,
+    ClassCountError,
     check_targets,
     class_indices,
     default_input_getter,
@@ -460,17 +461,16 @@ class NeuralCollapseCallback(Callback):
             return  # known after the first forward; checked then
         try:
             check_targets(self.label_getter(batch), self._num_classes, self.ignore_index)
-        except BatchFormatError as err:
-            if not any(word in str(err) for word in ("out of range", "columns", "is negative")):
-                raise BatchFormatError(f"NeuralCollapseCallback: {err}") from None
-            # a disagreement with the number of classes: say where that number comes from
+        except ClassCountError as err:  # say where the number of classes comes from
             source = "`num_classes`" if self.num_classes is not None else f"the outputs of `{self._classifier_name}`"
             hint = "" if self.num_classes is not None else (
                 " If that layer is not the one producing the logits, set `classifier=`."
             )
-            raise BatchFormatError(
+            raise ClassCountError(
                 f"NeuralCollapseCallback ({self._num_classes} classes from {source}): {err}{hint}"
             ) from None
+        except BatchFormatError as err:
+            raise BatchFormatError(f"NeuralCollapseCallback: {err}") from None
         if self.mode == "exact":
             self.input_getter(batch)
         self._batch_checked = True

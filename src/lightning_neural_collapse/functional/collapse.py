@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_neural_collapse.functional.nc1 import nc1, nc1_cdnv
-from lightning_neural_collapse.functional.nc2 import equiangular, equinorm, etf_distance, max_angle
+from lightning_neural_collapse.functional.nc2 import equiangular, equinorm, etf_distance, max_angle, pairwise_cosines
 from lightning_neural_collapse.functional.nc3 import self_duality, self_duality_cosine
 from lightning_neural_collapse.functional.nc4 import ncc_mismatch
 from lightning_neural_collapse.functional.statistics import (
@@ -68,21 +68,23 @@ def metrics_from_statistics(
         A dict from metric key to a dimensionless float.
     """
     centred = centred_class_means(stats, global_mean)
+    cos_means = pairwise_cosines(centred)
     values: dict[str, float] = {
         "nc1": nc1(stats.within_cov, centred),
         "nc1_cdnv": nc1_cdnv(centred, stats.variances[stats.present]),
         "nc2_equinorm_means": equinorm(centred),
-        "nc2_equiangular_means": equiangular(centred),
-        "nc2_maxangle_means": max_angle(centred),
+        "nc2_equiangular_means": equiangular(centred, cos_means),
+        "nc2_maxangle_means": max_angle(centred, cos_means),
         "nc2_etf_distance_means": etf_distance(centred),
     }
     if weight is not None:
         w = _check_weight(weight, stats.means.shape).to(torch.float64)[stats.present]
+        cos_weights = pairwise_cosines(w)
         values.update(
             {
                 "nc2_equinorm_weights": equinorm(w),
-                "nc2_equiangular_weights": equiangular(w),
-                "nc2_maxangle_weights": max_angle(w),
+                "nc2_equiangular_weights": equiangular(w, cos_weights),
+                "nc2_maxangle_weights": max_angle(w, cos_weights),
                 "nc2_etf_distance_weights": etf_distance(w),
                 "nc3_self_duality": self_duality(w, centred),
                 "nc3_cosine": self_duality_cosine(w, centred),

@@ -44,8 +44,10 @@ def pairwise_cosines(vectors: Tensor) -> Tensor:
     return cos[off]
 
 
-def equiangular(vectors: Tensor) -> float:
+def equiangular(vectors: Tensor, cosines: Tensor | None = None) -> float:
     """Population Std of the pairwise cosines, ``Std_{c != c'} cos(v_c, v_c')`` (paper's Fig. 3).
+
+    ``cosines`` may pass ``pairwise_cosines(vectors)`` when it is already at hand.
 
     Returns:
         A float (0 when all angles are equal); ``nan`` for fewer than two rows or a zero row.
@@ -54,14 +56,16 @@ def equiangular(vectors: Tensor) -> float:
         >>> equiangular(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))  # cosines 0, -1, 0 (twice)
         0.4714045207910317
     """
-    cos = pairwise_cosines(vectors)
+    cos = pairwise_cosines(vectors) if cosines is None else cosines
     if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
         return math.nan
     return float(cos.std(correction=0))
 
 
-def max_angle(vectors: Tensor) -> float:
+def max_angle(vectors: Tensor, cosines: Tensor | None = None) -> float:
     """Mean distance of the pairwise cosines to the simplex value, ``Avg_{c != c'} |cos + 1/(C-1)|`` (Fig. 4).
+
+    ``cosines`` may pass ``pairwise_cosines(vectors)`` when it is already at hand.
 
     Returns:
         A float (0 when every pair is at the maximal angle); ``nan`` for fewer than two rows or a zero row.
@@ -71,7 +75,7 @@ def max_angle(vectors: Tensor) -> float:
         0.0
     """
     num = vectors.shape[0]
-    cos = pairwise_cosines(vectors)
+    cos = pairwise_cosines(vectors) if cosines is None else cosines
     if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
         return math.nan
     return float((cos + 1.0 / (num - 1)).abs().mean())
