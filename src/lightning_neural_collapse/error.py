@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_neural_collapse.sync import all_reduce_sum
+from lightning_neural_collapse.sync import all_reduce_sum, synced
 
 
 class ClassificationError(Metric):
@@ -49,8 +49,7 @@ class ClassificationError(Metric):
 
     def counts(self) -> tuple[int, int]:
         """``(errors, total)`` summed over ranks (a collective)."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
-            return int(self.errors.item()), int(self.total.item())
+        return synced(self, lambda: (int(self.errors.item()), int(self.total.item())))
 
     def compute(self) -> float:
         """The error fraction in ``[0, 1]``; ``nan`` when no sample was counted."""

@@ -11,7 +11,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_neural_collapse.functional.collapse import metrics_from_statistics
 from lightning_neural_collapse.functional.statistics import GLOBAL_MEAN_CHOICES, ClassStatistics, GlobalMean
-from lightning_neural_collapse.sync import all_reduce_sum
+from lightning_neural_collapse.sync import all_reduce_sum, synced
 
 
 class NeuralCollapse(Metric):
@@ -154,8 +154,7 @@ class NeuralCollapse(Metric):
         Returns:
             A float64 :class:`~lightning_neural_collapse.functional.ClassStatistics`.
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
-            return self._local_statistics()
+        return synced(self, self._local_statistics)
 
     def skipped(self) -> dict[str, int]:
         """Samples dropped since the last reset, summed over ranks (a collective, on these two counters only:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_neural_collapse.functional.nc4 import ncc_predictions
-from lightning_neural_collapse.sync import all_reduce_sum
+from lightning_neural_collapse.sync import all_reduce_sum, synced
 
 
 class NCCMismatch(Metric):
@@ -67,10 +67,12 @@ class NCCMismatch(Metric):
 
     def compute(self) -> float:
         """The mismatch fraction in ``[0, 1]``; ``nan`` when no sample was seen."""
-        return float(self.mismatches / self.total) if float(self.total) > 0 else float("nan")
+        return self._local_fraction()
 
     def fraction(self) -> float:
         """:meth:`compute` summed over ranks (a collective), without torchmetrics' "compute before update"
         warning: under DDP a rank that saw no sample this epoch is normal (uneven shards)."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
-            return float(self.mismatches / self.total) if float(self.total) > 0 else float("nan")
+        return synced(self, self._local_fraction)
+
+    def _local_fraction(self) -> float:
+        return float(self.mismatches / self.total) if float(self.total) > 0 else float("nan")

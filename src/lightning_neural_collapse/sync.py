@@ -7,10 +7,14 @@ rank at one copy, whatever the number of ranks.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 from torch import Tensor
+from torchmetrics import Metric
+
+T = TypeVar("T")
 
 
 def all_reduce_sum(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
@@ -22,3 +26,10 @@ def all_reduce_sum(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
     reduced = tensor.clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
     return [reduced]
+
+
+def synced(metric: Metric, read: Callable[[], T]) -> T:
+    """``read()`` evaluated on ``metric``'s states summed over ranks (a collective on every rank; a no-op
+    without a process group). The rank's own states are restored afterwards, so accumulation can go on."""
+    with metric.sync_context(dist_sync_fn=metric.dist_sync_fn, should_sync=metric._to_sync, should_unsync=True):
+        return read()
