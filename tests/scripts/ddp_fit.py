@@ -65,8 +65,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_neural_collapse import NeuralCollapse, NeuralCollapseCallback
-from lightning_neural_collapse.exact import exact_loader
-from lightning_neural_collapse.functional import class_statistics, ncc_mismatch, neural_collapse_metrics
+from lightning_neural_collapse.functional import NC4_KEY, class_statistics, ncc_mismatch, neural_collapse_metrics
+from lightning_neural_collapse.pipeline.run_state import LAGGED_NC4_KEY
+from lightning_neural_collapse.pipeline.exact import exact_loader
 
 EXACT_PREFIX = "nc"
 ONLINE_PREFIX = "nco"
@@ -272,7 +273,7 @@ class Recorder(Callback):
             "strategy": args.strategy,
             "accelerator": args.accelerator,
             "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
-            "modes": {p: cb.mode for p, cb in self.callbacks.items()},
+            "modes": {p: cb.config.mode for p, cb in self.callbacks.items()},
             "history": {p: cb.history for p, cb in self.callbacks.items()},
             "tpt_epoch": {p: cb.tpt_epoch for p, cb in self.callbacks.items()},
             "figure_path": {p: cb.figure_path for p, cb in self.callbacks.items()},
@@ -331,28 +332,28 @@ def reference(net: Net) -> dict[str, float]:
     h, logits, y = _features_logits(net)
     weight, bias = _classifier(net)
     values = neural_collapse_metrics(h, y, weight, bias, num_classes=net.args.classes)
-    values["train_error"] = float((logits.argmax(dim=1) != y).double().mean())
+    values["train_error_eval"] = float((logits.argmax(dim=1) != y).double().mean())  # the exact pass's error
     return values
 
 
 def seen_reference(net: Net, seen: list[dict[int, list[int]]], epoch: int) -> dict[str, float]:
     """What online mode must report for ``epoch`` when the weights never change (``lr=0``): the exact metrics
     of the samples the training steps of all ranks fed (duplicates included), NC4 against the class means of
-    the previous epoch's samples."""
+    the previous epoch's samples (``nc4_ncc_mismatch_prev_means``)."""
     indices = [i for rank_seen in seen for i in rank_seen.get(epoch, [])]
     if not indices:
         return {}
     h, logits, y = _features_logits(net, indices)
     weight, bias = _classifier(net)
     values = neural_collapse_metrics(h, y, weight, num_classes=net.args.classes)
-    values.pop("nc4_ncc_mismatch", None)
+    values.pop(NC4_KEY, None)
     values["train_error"] = float((logits.argmax(dim=1) != y).double().mean())
     values["samples"] = float(len(indices))
     previous = [i for rank_seen in seen for i in rank_seen.get(epoch - 1, [])]
     if previous:
         h_prev, _, y_prev = _features_logits(net, previous)
         prev = class_statistics(h_prev, y_prev, net.args.classes)
-        values["nc4_ncc_mismatch"] = ncc_mismatch(h, prev.means, logits.double(), prev.present)
+        values[LAGGED_NC4_KEY] = ncc_mismatch(h, prev.means, logits.double(), prev.present)
     return values
 
 
@@ -371,7 +372,7 @@ def compare(measured: dict[str, float], expected: dict[str, float], rtol: float)
             continue
         if key not in measured:
             wrong[key] = ("missing", value)
-        elif key in ("nc4_ncc_mismatch", "train_error"):
+        elif key in (NC4_KEY, LAGGED_NC4_KEY, "train_error", "train_error_eval"):
             if measured[key] != value:
                 wrong[key] = (measured[key], value)
         elif not _close(measured[key], value, rtol):

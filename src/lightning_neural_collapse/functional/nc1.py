@@ -7,6 +7,7 @@ variance of Galanti et al. (2022). Both take per-class statistics, never the sam
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -15,11 +16,13 @@ from torch import Tensor
 def nc1(within_cov: Tensor, centred_means: Tensor) -> float:
     """Papyan et al.'s NC1, ``Tr(Sigma_W Sigma_B^+) / C`` (dimensionless, 0 when collapsed).
 
-    ``Sigma_B = M M^T / C`` with ``M`` the ``D x C`` matrix of centred class means. The pseudo-inverse
-    keeps only the top ``min(C-1, D)`` eigenpairs of ``Sigma_B`` that also exceed ``max(C, D) * eps``
-    times the largest, so a rounding error in the global mean is never inverted. It is computed as
-    ``sum_i u_i^T K u_i / lambda_i^2`` from the eigenpairs ``(lambda_i, u_i)`` of the ``C x C`` Gram
-    matrix ``G = M^T M`` and ``K = M^T Sigma_W M``: no ``D x D`` inverse, ``O(C D^2 + C^3)`` time.
+    ``Sigma_B = M^T M / C`` with ``M`` the ``C x D`` matrix of centred class means (one row per class). From
+    the thin SVD ``M = U S V^T``, ``Sigma_B^+ = C V S^{-2} V^T``, so ``NC1 = sum_i v_i^T Sigma_W v_i / s_i^2``:
+    the SVD of the means (not an eigendecomposition of their Gram, which would square the condition number),
+    ``O(C D min(C, D) + D^2 k)`` time, no ``D x D`` inverse. The pseudo-inverse keeps only the top
+    ``k <= min(C-1, D)`` singular values that also exceed ``max(C, D) * eps`` times the largest, so a rounding
+    error in the global mean is never inverted; a ``RuntimeWarning`` says so when ``k < min(C-1, D)`` (two
+    classes share a mean, or the means span fewer dimensions than ``C`` classes can).
 
     Args:
         within_cov: ``(D, D)`` within-class covariance ``Sigma_W``.
@@ -33,21 +36,37 @@ def nc1(within_cov: Tensor, centred_means: Tensor) -> float:
         >>> round(nc1(0.25 * torch.eye(2, dtype=torch.float64), means), 12)  # Sigma_B = diag(1, 0)
         0.125
     """
+    directions, singular = _mean_directions(centred_means)
+    if directions is None:
+        return math.nan
+    quad = ((within_cov.to(torch.float64) @ directions) * directions).sum(dim=0)
+    return float((quad / singular.square()).sum())
+
+
+def _mean_directions(centred_means: Tensor) -> tuple[Tensor | None, Tensor]:
+    """``(V_k, s_k)``: the right singular vectors (``D x k``) and singular values of the centred means that
+    NC1's pseudo-inverse keeps; ``(None, empty)`` when there is none."""
     num_classes, dim = centred_means.shape
-    rank = min(num_classes - 1, dim)
-    if rank < 1:
-        return math.nan
+    full_rank = min(num_classes - 1, dim)
+    empty = torch.zeros(0, dtype=torch.float64, device=centred_means.device)
+    if full_rank < 1:
+        return None, empty
     centred = centred_means.to(torch.float64)
-    eigvals, eigvecs = torch.linalg.eigh(centred @ centred.T)
-    eigvals, eigvecs = eigvals.flip(0)[:rank], eigvecs.flip(1)[:, :rank]
-    largest = float(eigvals[0])
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    singular, vh = singular[:full_rank], vh[:full_rank]
+    largest = float(singular[0])
     if not largest > 0:
-        return math.nan
-    keep = eigvals > largest * max(num_classes, dim) * torch.finfo(torch.float64).eps
-    eigvals, eigvecs = eigvals[keep], eigvecs[:, keep]
-    directions = eigvecs.T @ centred  # rows M u_i, of squared norm lambda_i
-    quad = ((directions @ within_cov.to(torch.float64)) * directions).sum(dim=1)
-    return float((quad / eigvals.square()).sum())
+        return None, empty
+    keep = int((singular > largest * max(num_classes, dim) * torch.finfo(torch.float64).eps).sum())
+    if keep < full_rank:
+        warnings.warn(
+            f"NC1: the centred means of the {num_classes} classes span only {keep} of the min(C-1, D) = "
+            f"{full_rank} dimensions they could (two classes share a mean, or the features lie in a "
+            f"lower-dimensional subspace); Sigma_B^+ inverts those {keep} directions only.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return vh[:keep].T, singular[:keep]
 
 
 def nc1_cdnv(centred_means: Tensor, variances: Tensor) -> float:

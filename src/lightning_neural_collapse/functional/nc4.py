@@ -5,6 +5,82 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+DEFAULT_CLASS_CHUNK = 4096
+"""Classes compared per matrix product in :class:`NearestClassCentre` (bounds the ``(B, chunk)`` distances)."""
+
+
+class NearestClassCentre:
+    """The NCC rule ``argmin_c ||h - mu_c||`` over the present classes, prepared once for many batches.
+
+    The means are centred on the mean of the present ones (which keeps the expanded distance
+    ``||mu||^2 - 2 <h, mu>`` accurate for large means) and their squared norms cached; absent classes get an
+    infinite norm, so they are never chosen, without any boolean indexing. :meth:`predict` compares a batch
+    against ``chunk_size`` classes per matrix product and keeps a running argmin, so nothing of size
+    ``(B, C, D)``, and for large ``C`` nothing of size ``(B, C)``, is built. Ties go to the smallest label.
+
+    Args:
+        means: ``(C, D)`` class means, one row per class label.
+        present: optional ``(C,)`` boolean mask of the classes that may be chosen (default: all finite rows).
+        chunk_size: classes per matrix product.
+
+    Example:
+        >>> rule = NearestClassCentre(torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 0.0]]),
+        ...                           torch.tensor([True, True, False]))
+        >>> rule.predict(torch.tensor([[6.0, 1.0], [2.0, 0.0]])).tolist()
+        [1, 0]
+    """
+
+    def __init__(self, means: Tensor, present: Tensor | None = None, chunk_size: int = DEFAULT_CLASS_CHUNK) -> None:
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (num_classes, dim), got {tuple(means.shape)}")
+        centre = means.detach().to(torch.float64)
+        mask = torch.isfinite(centre).all(dim=1)
+        if present is not None:
+            mask = mask & present.to(device=mask.device, dtype=torch.bool)
+        weight = mask.to(torch.float64)
+        centre = torch.nan_to_num(centre)
+        centre_of_mass = (centre * weight[:, None]).sum(dim=0) / weight.sum().clamp(min=1.0)
+        self.centre_of_mass = centre_of_mass
+        self.centred = (centre - centre_of_mass) * weight[:, None]
+        inf = torch.full((), float("inf"), dtype=torch.float64, device=centre.device)
+        self.sq_norms = torch.where(mask, self.centred.square().sum(dim=1), inf)
+        self.chunk_size = max(1, int(chunk_size))
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the number of rows of the means."""
+        return int(self.centred.shape[0])
+
+    def to(self, device: torch.device | str) -> NearestClassCentre:
+        """This rule with its tensors on ``device`` (``self`` when they are there already)."""
+        if self.centred.device == torch.device(device):
+            return self
+        moved = object.__new__(NearestClassCentre)
+        moved.centre_of_mass = self.centre_of_mass.to(device)
+        moved.centred = self.centred.to(device)
+        moved.sq_norms = self.sq_norms.to(device)
+        moved.chunk_size = self.chunk_size
+        return moved
+
+    def predict(self, features: Tensor) -> Tensor:
+        """``(N,)`` int64 labels of the nearest present class centre of each of the ``(N, D)`` features."""
+        h = features.detach().to(self.centred.device, torch.float64) - self.centre_of_mass
+        best_value: Tensor | None = None
+        best_index: Tensor | None = None
+        for start in range(0, self.num_classes, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_classes)
+            dist = self.sq_norms[start:stop][None, :] - 2.0 * (h @ self.centred[start:stop].T)
+            value, index = dist.min(dim=1)
+            index = index + start
+            if best_value is None or best_index is None:
+                best_value, best_index = value, index
+            else:
+                better = value < best_value  # strict: an earlier chunk keeps its ties
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index, best_index)
+        assert best_index is not None  # means has at least one row (checked by its shape)
+        return best_index
+
 
 def ncc_predictions(features: Tensor, means: Tensor, present: Tensor | None = None) -> Tensor:
     """Nearest class centre of each sample, ``argmin_c ||h_i - mu_c||`` over the present classes.
@@ -22,17 +98,7 @@ def ncc_predictions(features: Tensor, means: Tensor, present: Tensor | None = No
         >>> ncc_predictions(torch.tensor([[6.0, 1.0], [9.0, 0.0]]), means, torch.tensor([True, True, False])).tolist()
         [1, 1]
     """
-    centre = means.to(torch.float64)
-    if present is not None:
-        centre_of_mass = centre[present].mean(dim=0)
-    else:
-        centre_of_mass = centre.mean(dim=0)
-    mu = centre - centre_of_mass  # centring keeps the expanded distance accurate for large means
-    h = features.to(torch.float64) - centre_of_mass
-    sq_dist = mu.square().sum(dim=1)[None, :] - 2.0 * h @ mu.T
-    if present is not None:
-        sq_dist = sq_dist.masked_fill(~present[None, :], float("inf"))
-    return sq_dist.argmin(dim=1)
+    return NearestClassCentre(means, present).predict(features)
 
 
 def ncc_mismatch(features: Tensor, means: Tensor, logits: Tensor, present: Tensor | None = None) -> float:

@@ -5,7 +5,7 @@ Everything here takes plain numbers and tensors, dispatches on what each logger 
 call: a failure becomes one ``RuntimeWarning`` per (logger type, kind) and the run goes on.
 """
 
-from lightning_neural_collapse.reporting.capabilities import can_log_figure, histogram_kind, log_dir
+from lightning_neural_collapse.reporting.capabilities import can_log_figure, figure_kind, histogram_kind, run_dir
 from lightning_neural_collapse.reporting.dashboard import dashboard_layout, log_dashboard
 from lightning_neural_collapse.reporting.figures import log_figure, plot_history, save_figure
 from lightning_neural_collapse.reporting.histograms import bin_edges, log_histograms
@@ -15,12 +15,13 @@ __all__ = [
     "bin_edges",
     "can_log_figure",
     "dashboard_layout",
+    "figure_kind",
     "histogram_kind",
     "log_dashboard",
-    "log_dir",
     "log_figure",
     "log_histograms",
     "log_scalars",
     "plot_history",
+    "run_dir",
     "save_figure",
 ]

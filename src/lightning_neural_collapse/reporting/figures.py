@@ -134,9 +134,10 @@ def log_figure(loggers: Sequence[Logger], figure: Figure, step: int, tag: str = 
     """Show ``figure`` under ``tag`` on each logger that takes images; returns nothing.
 
     TensorBoard: ``experiment.add_figure(tag, figure, global_step=step, close=False)``; W&B:
-    ``logger.log_image(key=tag, images=[rgb_array], step=step)``; other loggers: nothing (see
-    :func:`save_figure` for a file). The figure stays open. Failures give one ``RuntimeWarning`` per
-    logger type. Runs on global rank 0 only.
+    ``logger.log_image(key=tag, images=[rgb_array], step=step)``; MLflow: ``experiment.log_figure(run_id,
+    figure, artifact_file)`` with ``artifact_file = tag + ".png"``, inside the run's own artifacts; other
+    loggers: nothing (see :func:`save_figure` for a file). The figure stays open. Failures give one
+    ``RuntimeWarning`` per logger type. Runs on global rank 0 only.
     """
     for logger in loggers:
         try:
@@ -145,6 +146,9 @@ def log_figure(loggers: Sequence[Logger], figure: Figure, step: int, tag: str = 
                 experiment_of(logger).add_figure(tag, figure, global_step=step, close=False)
             elif kind == "wandb":
                 logger.log_image(key=tag, images=[_to_rgb(figure)], step=step)  # type: ignore[attr-defined]
+            elif kind == "mlflow":
+                run_id = logger.run_id  # type: ignore[attr-defined]
+                experiment_of(logger).log_figure(run_id, figure, f"{tag}.png")
         except Exception as err:
             warn_once(logger, "figures", err)
 

@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_neural_collapse.sync import all_reduce_sum, synced
+from lightning_neural_collapse.metrics.base import SumStateMetric
 
 
-class ClassificationError(Metric):
+class ClassificationError(SumStateMetric):
     """Fraction of samples with ``argmax(logits) != label``; integer counts, exact across ranks.
 
     Samples whose label lies outside ``[0, num_classes)`` (``ignore_index`` among them) or whose logits
@@ -24,33 +23,34 @@ class ClassificationError(Metric):
         0.5
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
     errors: Tensor
     total: Tensor
 
     def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        kwargs.setdefault("compute_with_cache", False)
-        kwargs.setdefault("dist_sync_fn", all_reduce_sum)
         super().__init__(**kwargs)
         self.num_classes = num_classes
-        self.add_state("errors", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("errors", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """Accumulate ``(B, C)`` logits against ``(B,)`` integer labels."""
+    def update(self, logits: Tensor, labels: Tensor, counted: Tensor | None = None) -> None:
+        """Accumulate ``(B, C)`` logits against ``(B,)`` integer labels.
+
+        ``counted`` (``(B,)`` bool) may restrict the samples further (the callback passes its one definition
+        of a counted sample, see :func:`~lightning_neural_collapse.pipeline.labels.counted_samples`).
+        """
         logits = logits.detach().to(self.errors.device)
         labels = labels.detach().to(self.errors.device, torch.long)
         valid = (labels >= 0) & (labels < self.num_classes) & torch.isfinite(logits).all(dim=1)
+        if counted is not None:
+            valid = valid & counted.to(valid.device)
         self.errors += ((logits.argmax(dim=1) != labels) & valid).sum()
         self.total += valid.sum()
 
     def counts(self) -> tuple[int, int]:
         """``(errors, total)`` summed over ranks (a collective)."""
-        return synced(self, lambda: (int(self.errors.item()), int(self.total.item())))
+        return self.synced(lambda: (int(self.errors), int(self.total)))
 
     def compute(self) -> float:
         """The error fraction in ``[0, 1]``; ``nan`` when no sample was counted."""
-        return float(self.errors / self.total) if float(self.total) > 0 else float("nan")
+        errors, total = int(self.errors), int(self.total)
+        return errors / total if total > 0 else float("nan")

@@ -1,8 +1,15 @@
-"""Reading labels and model inputs out of a training batch, and turning targets into class indices."""
+"""Reading labels and model inputs out of a batch, and the one definition of which sample counts.
+
+A sample *counts* (is measured by every metric) when its label is a class index in ``[0, C)`` (not
+``ignore_index``, not invalid) and its features and logits are finite: :func:`counted_samples`. Labels are
+turned into class indices on the device without host-device synchronisation (:func:`class_indices`); only
+the first batch of a fit is validated on the host (:func:`check_targets`), so that a wrong configuration
+stops the run before its first optimizer step.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +20,9 @@ LABEL_KEYS: tuple[str, ...] = ("label", "labels", "y", "target", "targets")
 
 INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
 """Keys searched, in order, in a dict batch for the model input (exact mode only)."""
+
+TOKEN_KEYS: tuple[str, ...] = ("input_ids", "attention_mask")
+"""Keys of a tokenised dict batch passed to the model by keyword (``model(input_ids=..., attention_mask=...)``)."""
 
 
 class BatchFormatError(ValueError):
@@ -50,20 +60,26 @@ def default_label_getter(batch: Any) -> Any:
 
 
 def default_input_getter(batch: Any) -> Any:
-    """The model input of a batch: ``batch[0]`` of a tuple or list, or the first of :data:`INPUT_KEYS` of a dict.
+    """The model input of a batch, for the exact pass: ``batch[0]`` of a tuple or list; for a dict, its
+    ``input_ids`` (with ``attention_mask``) as keyword arguments, else the first of :data:`INPUT_KEYS`.
 
     Example:
         >>> default_input_getter((torch.ones(1), torch.tensor([0]))).tolist()
         [1.0]
+        >>> sorted(default_input_getter({"input_ids": torch.ones(1, 3), "attention_mask": torch.ones(1, 3),
+        ...                              "labels": torch.ones(1, 3)}))
+        ['attention_mask', 'input_ids']
     """
     if isinstance(batch, Mapping):
+        if "input_ids" in batch:
+            return {key: batch[key] for key in TOKEN_KEYS if key in batch}
         for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]
         raise BatchFormatError(
             f"cannot find the model input in a batch dict with keys {sorted(map(str, batch))}: expected one of "
-            f"{INPUT_KEYS}. Pass `input_getter=` (a function batch -> model input) to NeuralCollapseCallback, "
-            "or use mode='online'."
+            f"{('input_ids', *INPUT_KEYS)}. Pass `input_getter=` (a function batch -> model input) to "
+            "NeuralCollapseCallback, or use mode='online'."
         )
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 1:
         return batch[0]
@@ -73,6 +89,21 @@ def default_input_getter(batch: Any) -> Any:
         f"cannot find the model input in a batch of type {type(batch).__name__}. Pass `input_getter=` "
         "(a function batch -> model input) to NeuralCollapseCallback, or use mode='online'."
     )
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """Call ``model`` the way ``inputs`` asks: a tensor (or anything else) as ``model(inputs)``, a tuple or
+    list as ``model(*inputs)``, a dict as ``model(**inputs)``; returns what the model returns.
+
+    Example:
+        >>> call_model(lambda a, b=0: a + b, {"a": 1, "b": 2}), call_model(lambda a, b: a * b, (3, 4))
+        (3, 12)
+    """
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def class_indices(targets: Any, num_classes: int, ignore_index: int | None = None) -> Tensor:
@@ -159,3 +190,49 @@ def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> N
             f"label {high} is out of range for {num_classes} classes; set `num_classes=` to at least {high + 1} "
             "(and make sure the classifier has that many outputs)."
         )
+
+
+def counted_samples(labels: Tensor, num_classes: int, features: Tensor, logits: Tensor | None = None) -> Tensor:
+    """``(B,)`` bool: the samples every metric measures, the one definition used everywhere. A sample counts
+    when its class index (from :func:`class_indices`) lies in ``[0, num_classes)`` and its features (and
+    logits, when given) are finite. No host-device synchronisation.
+
+    Example:
+        >>> feats = torch.tensor([[1.0], [float("nan")], [2.0], [3.0]])
+        >>> counted_samples(torch.tensor([0, 1, -1, 2]), 2, feats).tolist()
+        [True, False, False, False]
+    """
+    keep = (labels >= 0) & (labels < num_classes) & torch.isfinite(features).all(dim=1).to(labels.device)
+    if logits is not None:
+        keep = keep & torch.isfinite(logits).all(dim=1).to(labels.device)
+    return keep
+
+
+class LabelReader:
+    """Labels of a batch as class indices, on the features' device, for a fixed number of classes.
+
+    Args:
+        getter: ``batch -> labels`` (default :func:`default_label_getter`).
+        num_classes: ``C``.
+        ignore_index: a label value that marks samples to leave out, or ``None``.
+
+    Example:
+        >>> reader = LabelReader(None, num_classes=3, ignore_index=-100)
+        >>> reader.read((torch.zeros(3, 2), torch.tensor([2, -100, 7])), torch.device("cpu")).tolist()
+        [2, -1, 3]
+    """
+
+    def __init__(self, getter: Callable[[Any], Any] | None, num_classes: int, ignore_index: int | None) -> None:
+        self.getter = getter or default_label_getter
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    def read(self, batch: Any, device: torch.device) -> Tensor:
+        """``(B,)`` int64 class indices: ``-1`` for ``ignore_index``, ``num_classes`` for an invalid target
+        (see :func:`class_indices`); no host-device synchronisation."""
+        labels = class_indices(self.getter(batch), self.num_classes, self.ignore_index)
+        return labels.to(device, non_blocking=True)
+
+    def check(self, batch: Any) -> None:
+        """Validate one batch on the host (the first of a fit); raises :class:`BatchFormatError`."""
+        check_targets(self.getter(batch), self.num_classes, self.ignore_index)

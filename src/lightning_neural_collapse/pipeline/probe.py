@@ -9,7 +9,10 @@ is removed right after) and, through the autograd graph,
 - lists the modules with parameters of their own that consume the classifier's output (the classifier
   is then not the final layer: an error), and
 - lists the other ``nn.Linear`` layers whose output reaches the loss without passing through another
-  layer with parameters (auxiliary or projection heads: the choice is ambiguous, a warning).
+  layer with parameters (auxiliary or projection heads: the choice is ambiguous), and
+- lists the ``nn.Linear`` layers whose output feeds a softmax or a classification loss (cross-entropy,
+  NLL, margin losses) directly: the logits path. A projection or auxiliary head defined after the
+  classifier is thereby told apart from the head that produces the logits.
 
 Nothing runs after the first step. Compiled models are left alone (:func:`is_compiled`): a global hook
 would cost them a recompilation.
@@ -24,6 +27,8 @@ from torch.nn.modules.module import register_module_forward_hook
 from torch.utils.hooks import RemovableHandle
 
 _MAX_NODES = 100_000  # bound on one walk of the autograd graph (first step only)
+_LOGIT_CONSUMERS = ("Softmax", "NllLoss", "CrossEntropy", "MarginLoss")
+"""Substrings of the autograd node names of the operations that take logits (softmax, log-softmax, NLL, ...)."""
 
 
 class FinalLayerProbe:
@@ -57,6 +62,8 @@ class FinalLayerProbe:
         self._handle: RemovableHandle | None = None
         self.consumers: list[str] = []
         """Dotted names of the modules with own parameters that took the classifier's output, in call order."""
+        self.linear_io: dict[str, tuple[Tensor, Tensor]] = {}
+        """Detached ``(input, output)`` of the last call of every ``nn.Linear`` in the watched step."""
 
     def start(self) -> None:
         """Start watching (idempotent)."""
@@ -70,6 +77,7 @@ class FinalLayerProbe:
             self._handle = None
         self._output_node = None
         self._boundaries.clear()
+        self.linear_io.clear()
 
     def other_heads(self, loss: Any) -> list[str]:
         """The ``nn.Linear`` layers other than the classifier whose output reaches ``loss`` directly (not
@@ -94,7 +102,32 @@ class FinalLayerProbe:
             stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
         return [name for name, node in found.items() if not _reaches(self._output_node, node)]
 
+    def reaches_loss(self, loss: Any) -> bool | None:
+        """Whether the classifier's output of the watched step is on the path to ``loss``; ``None`` when
+        unknown (no loss with a graph, or the classifier did not run)."""
+        if not isinstance(loss, Tensor) or loss.grad_fn is None or self._output_node is None:
+            return None
+        return _reaches(loss.grad_fn, self._output_node)
+
+    def logit_heads(self, loss: Any) -> list[str]:
+        """The ``nn.Linear`` layers (the classifier included) whose output feeds a softmax or a classification
+        loss of ``loss`` without another layer with parameters in between, sorted; ``[]`` when unknown."""
+        if not isinstance(loss, Tensor) or loss.grad_fn is None:
+            return []
+        heads: set[str] = set()
+        own = self._names.get(id(self._classifier), "")
+        for start in _nodes_named(loss.grad_fn, _LOGIT_CONSUMERS):
+            for node in _first_boundaries(start, self._boundaries, self._output_node):
+                if node is self._output_node:
+                    heads.add(own)
+                else:
+                    heads.update(name for name in self._boundaries[id(node)][1][:1] if name in self._linears)
+        return sorted(heads)
+
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        name = self._names.get(id(module))
+        if name in self._linears and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            self.linear_io[name] = (args[0].detach(), output.detach())
         if module is self._classifier:
             node = output.grad_fn if isinstance(output, Tensor) else None
             if node is not None:  # a later call (two forwards per step) replaces an earlier one
@@ -103,7 +136,6 @@ class FinalLayerProbe:
             return
         if not isinstance(output, Tensor) or output.grad_fn is None:
             return
-        name = self._names.get(id(module))
         if name is None or name in self._skip or (self._inside is not None and name.startswith(self._inside)):
             return
         if next(module.parameters(recurse=False), None) is None:
@@ -143,3 +175,36 @@ def _reaches(start: Any, target: Any) -> bool:
         seen.add(id(node))
         stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
     return False
+
+
+def _nodes_named(root: Any, patterns: tuple[str, ...]) -> list[Any]:
+    """The autograd nodes under ``root`` whose type name contains one of ``patterns`` (bounded walk)."""
+    found: list[Any] = []
+    stack: list[Any] = [root]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_NODES:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if any(pattern in type(node).__name__ for pattern in patterns):
+            found.append(node)
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+    return found
+
+
+def _first_boundaries(start: Any, boundaries: dict[int, tuple[Any, list[str]]], output_node: Any) -> list[Any]:
+    """The module-output nodes first met below ``start`` (the walk stops at each), bounded."""
+    found: list[Any] = []
+    stack: list[Any] = [next_node for next_node, _ in getattr(start, "next_functions", ())]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_NODES:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node is output_node or id(node) in boundaries:
+            found.append(node)
+            continue
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+    return found

@@ -21,7 +21,7 @@ from lightning_neural_collapse.reporting import (
     dashboard_layout,
     histogram_kind,
     log_dashboard,
-    log_dir,
+    run_dir,
     log_figure,
     log_histograms,
     log_scalars,
@@ -199,7 +199,7 @@ def test_dashboard_layout_written(tmp_path: Path) -> None:
     assert {"NC1", "NC2 equinorm", "NC2 equiangularity", "NC2 max-angle", "NC2 ETF distance", "NC3", "NC4",
             "Training error"} <= set(charts)
     assert charts["NC2 equinorm"] == ["Multiline", ["^nc/nc2_equinorm_means$", "^nc/nc2_equinorm_weights$"]]
-    assert charts["Training error"][1] == ["^nc/train_error$"]
+    assert charts["Training error"][1] == ["^nc/train_error$", "^nc/train_error_eval$"]
     assert len(dashboard_layout(["nc", "nc_val"])) == 2
     tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
     log_dashboard([tb, csv_logger])
@@ -226,7 +226,7 @@ def test_plot_history_save_and_log(tmp_path: Path) -> None:
 
     tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
     assert can_log_figure(tb) and not can_log_figure(csv_logger)
-    assert log_dir(tb) == tb.log_dir and log_dir(csv_logger) == csv_logger.log_dir and log_dir(object()) is None
+    assert run_dir(tb) == tb.log_dir and run_dir(csv_logger) == csv_logger.log_dir and run_dir(object()) is None
     log_figure([tb, csv_logger], figure, step=9, tag="nc/summary")
     (image,) = _read_tb(tb).Images("nc/summary")
     assert image.step == 9 and image.width == 1300 and image.height == 620

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _load_data_module():  # examples/ is not a package: load data.py by path

@@ -22,7 +22,6 @@ from reference import (
     near_collapse,
     reference_for,
     reference_metrics,
-    relative_error,
 )
 
 from lightning_neural_collapse import ClassificationError, NCCMismatch, NeuralCollapse
@@ -88,9 +87,11 @@ def test_statistics_match_functional() -> None:
     assert not compare(got, expected, 1e-10, floor=1e-6)
 
 
+@pytest.mark.parametrize("shift", ["common", "from data"])
 @pytest.mark.parametrize("name", ["gmm_c10_d64", "missing_class_c6_d8", "near_collapse_c10_d32"])
-def test_summed_states_equal_one_metric(name: str) -> None:
-    """Adding every state of one metric into another (what a DDP all-reduce does) equals one metric."""
+def test_summed_states_equal_one_metric(name: str, shift: str) -> None:
+    """Adding every state of one metric into another (what a DDP all-reduce does) equals one metric: directly when
+    both use the same shift, after rewriting both to the zero shift (what a sync does) when each took its own."""
     case = make_case(name)
     features = torch.tensor(case.features, dtype=torch.float32)
     labels = torch.tensor(case.labels)
@@ -99,9 +100,15 @@ def test_summed_states_equal_one_metric(name: str) -> None:
     first[: len(labels) // 3] = True
     first |= labels == 0
     parts = []
+    common = torch.randn(case.num_classes, case.dim, generator=torch.Generator().manual_seed(3))
     for mask in (first, ~first):
         metric = NeuralCollapse(case.num_classes, case.dim)
+        if shift == "common":
+            metric.set_shift(common)
         feed(metric, features[mask], labels[mask])
+        if shift == "from data":
+            assert bool(metric.shift_from_data.any())
+            metric._to_zero_shift()
         parts.append(metric)
     assert parts[1].statistics().counts[0] == 0
     whole = NeuralCollapse(case.num_classes, case.dim)
@@ -154,34 +161,38 @@ def test_shift_changes_nothing_in_float64(name: str) -> None:
     assert torch.allclose(plain.statistics().means, shifted.statistics().means, rtol=0, atol=1e-10)
 
 
-def test_shift_rescues_float32_accumulation_near_collapse() -> None:
-    """Means of norm ~1000, within-class std 0.02: unshifted float32 sums cancel catastrophically."""
+@pytest.mark.parametrize("sum_dtype", [torch.float64, torch.float32], ids=["float64 sums", "float32 sums"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["fresh metric", "explicit shift"])
+def test_float32_products_are_accurate_near_collapse(explicit: bool, sum_dtype: torch.dtype) -> None:
+    """Means of norm ~1000, within-class std 0.02: float32 products of unshifted features cancel catastrophically
+    (checked below on the same data); a fresh float32 metric takes each class's first sample as its shift, so its
+    first measurement is as accurate as one with the previous means as shift."""
     case = near_collapse(10, 32, seed=21, norm=1000.0)
     features = torch.tensor(case.features, dtype=torch.float32)
     labels = torch.tensor(case.labels)
     # reference on exactly the float32 values the metric sees, so only the accumulation differs
     ref = reference_metrics(features.double().numpy(), case.labels, num_classes=case.num_classes)
 
-    def run(shift: torch.Tensor | None) -> dict[str, float]:
-        metric = NeuralCollapse(case.num_classes, case.dim, accumulate_dtype=torch.float32)
-        if shift is not None:
-            metric.set_shift(shift)
-        feed(metric, features, labels)
-        assert metric.shifted_gram.dtype == torch.float32
-        return metric.compute()
-
-    unshifted, shifted = run(None), run(_last_means(case, features, torch.float32))
-    for key in ("nc1", "nc1_cdnv"):
-        err_shifted = relative_error(shifted[key], ref[key], 1e-300)
-        err_unshifted = relative_error(unshifted[key], ref[key], 1e-300) if key in unshifted else math.inf
-        assert err_shifted < 1e-5, (key, shifted[key], ref[key])
-        assert err_unshifted > 1e-2 and err_unshifted > 1000 * err_shifted, (
-            key,
-            unshifted.get(key),
-            ref[key],
-        )
-    problems = compare(shifted, ref, {**dict.fromkeys(FEATURE_KEYS, 1e-5)}, floor=1e-6)
+    metric = NeuralCollapse(case.num_classes, case.dim, accumulate_dtype=torch.float32, sum_dtype=sum_dtype)
+    if explicit:
+        metric.set_shift(_last_means(case, features, torch.float32))
+    feed(metric, features, labels)
+    assert metric.shifted_gram.dtype == sum_dtype and metric.shift.dtype == torch.float32
+    assert bool(metric.shift_from_data.any()) != explicit
+    got = metric.compute()
+    problems = compare(got, ref, {**dict.fromkeys(FEATURE_KEYS, 1e-5)}, floor=1e-6)
     assert not problems, problems
+
+    # the same accumulation without a shift: float32 products summed in float64 are far off
+    gram = torch.zeros(case.dim, case.dim, dtype=torch.float64)
+    for start in range(0, len(labels), 256):
+        chunk = features[start : start + 256]
+        gram += (chunk.T @ chunk).double()
+    means = torch.zeros(case.num_classes, case.dim, dtype=torch.float64).index_add_(0, labels, features.double())
+    counts = torch.bincount(labels, minlength=case.num_classes).double()
+    within = (gram - (means.T / counts) @ means) / len(labels)
+    exact = metric.statistics().within_cov
+    assert float((within - exact).norm() / exact.norm()) > 1e-2
 
 
 def test_set_shift_rules() -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 SAMPLES = 301  # odd: not a multiple of the world size
 CLASSES = 4
-EXACT_KEYS = {"nc4_ncc_mismatch", "train_error"}  # integer counts: must be equal, not close
+EXACT_KEYS = {"nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means", "train_error", "train_error_eval"}  # counts
 # warnings that would mean trouble under DDP (Lightning's advice to sync, torchmetrics' empty-rank warning,
 # our own "not measured"/"could not log" messages, a crash or a watchdog timeout)
 BAD_OUTPUT = re.compile(
@@ -137,15 +137,18 @@ def test_exact_mode_equals_single_process_reference(exact_run: Run) -> None:
 
 
 def test_exact_mode_counts_each_sample_once(exact_run: Run) -> None:
-    # errors / 301 (a padded count would divide by 302): the exact pass shards without duplicates
+    # errors / 301 (a padded count would divide by 302): the exact pass shards without duplicates, while the
+    # training steps (train_error) see the DistributedSampler's padding duplicate
     for record in exact_run.history():
-        errors = record["train_error"] * SAMPLES
-        assert abs(errors - round(errors)) < 1e-9, record["train_error"]
-    assert exact_run.history()[0]["train_error"] > 0
+        errors = record["train_error_eval"] * SAMPLES
+        assert abs(errors - round(errors)) < 1e-9, record["train_error_eval"]
+        step_errors = record["train_error"] * (SAMPLES + 1)
+        assert abs(step_errors - round(step_errors)) < 1e-9, record["train_error"]
+    assert exact_run.history()[0]["train_error_eval"] > 0
     # the unpadded shards (151 and 150 samples, batches of 30) give the ranks different numbers of batches
     assert [r["exact_pass_batches"] for r in exact_run.ranks] == [6, 5]
     for rank in exact_run.ranks:
-        assert rank["sync_fn"] == "lightning_neural_collapse.sync.all_reduce_sum"
+        assert rank["sync_fn"] == "lightning_neural_collapse.metrics.base.all_reduce_sum"
 
 
 def test_tpt_epoch_identical_on_both_ranks(exact_run: Run) -> None:
@@ -197,7 +200,8 @@ def test_online_mode_logs_every_epoch_and_warns_once_about_padding(online_run: R
     history = online_run.history()
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert all("nc1" in r and "train_error" in r for r in history)
-    assert "nc4_ncc_mismatch" not in history[0] and all("nc4_ncc_mismatch" in r for r in history[1:])
+    lagged = "nc4_ncc_mismatch_prev_means"  # online NC4: against the previous epoch's means
+    assert lagged not in history[0] and all(lagged in r and "nc4_ncc_mismatch" not in r for r in history[1:])
     logged = [row for row in read_csv(online_run) if row.get("nc/nc1")]
     assert len(logged) == 3
     assert online_run.output.count("the DistributedSampler pads 301 samples to a multiple of 2 ranks") == 1

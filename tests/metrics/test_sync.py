@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).parent / "scripts" / "metric_sync.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "metric_sync.py"
 
 
 def assert_close(actual: float, expected: float, rtol: float = 1e-9, floor: float = 1e-12) -> None:

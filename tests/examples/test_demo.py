@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _load_demo() -> ModuleType:

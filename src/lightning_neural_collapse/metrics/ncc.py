@@ -1,0 +1,77 @@
+"""``NCCMismatch``: the NC4 mismatch between the network and the nearest-class-centre rule, streamed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_neural_collapse.functional.nc4 import NearestClassCentre
+from lightning_neural_collapse.metrics.base import SumStateMetric
+
+
+class NCCMismatch(SumStateMetric):
+    """Share of samples where ``argmax`` of the network's logits differs from ``argmin_c ||h - mu_c||``.
+
+    The class means come from a previous pass (:meth:`NeuralCollapse.statistics`), so exact NC4 takes
+    two passes over the data; in a training run the means of the previous measurement can serve.
+    Samples with a non-finite feature or logit are skipped. The centred means and their norms are computed
+    once, here, so ``update`` costs one matrix product per batch and never synchronises with the host.
+
+    Args:
+        means: ``(C, D)`` class means.
+        present: optional ``(C,)`` mask of the classes the NCC rule may pick (default: all finite rows).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> metric = NCCMismatch(torch.tensor([[0.0], [4.0]]))
+        >>> metric.update(torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        >>> metric.compute()
+        0.5
+    """
+
+    mismatches: Tensor
+    total: Tensor
+
+    def __init__(self, means: Tensor, present: Tensor | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (num_classes, dim), got {tuple(means.shape)}")
+        self.ncc = NearestClassCentre(means, present)
+        self.add_state("mismatches", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> Any:  # keep the rule on the states' device
+        this = super()._apply(fn, exclude_state)
+        self.ncc = self.ncc.to(self.mismatches.device)
+        return this
+
+    def update(self, features: Tensor, logits: Tensor, counted: Tensor | None = None) -> None:
+        """Accumulate a batch of ``(B, D)`` features and the network's ``(B, C)`` logits; ``counted``
+        (``(B,)`` bool) may leave samples out (ignored or invalid labels)."""
+        if logits.ndim != 2 or logits.shape[0] != features.shape[0]:
+            raise ValueError(f"logits must have shape ({features.shape[0]}, num_classes), got {tuple(logits.shape)}")
+        device = self.mismatches.device
+        features = features.detach().to(device)
+        logits = logits.detach().to(device)
+        valid = torch.isfinite(features).all(dim=1) & torch.isfinite(logits).all(dim=1)
+        if counted is not None:
+            valid = valid & counted.to(device)
+        safe = torch.where(valid[:, None], features, torch.zeros((), dtype=features.dtype, device=device))
+        mismatch = logits.argmax(dim=1) != self.ncc.predict(safe)
+        self.mismatches += (mismatch & valid).sum()
+        self.total += valid.sum()
+
+    def compute(self) -> float:
+        """The mismatch fraction in ``[0, 1]``; ``nan`` when no sample was seen."""
+        return self._fraction()
+
+    def fraction(self) -> float:
+        """:meth:`compute` summed over ranks (a collective), without torchmetrics' "compute before update"
+        warning: under DDP a rank that saw no sample this epoch is normal (uneven shards)."""
+        return self.synced(self._fraction)
+
+    def _fraction(self) -> float:
+        mismatches, total = int(self.mismatches), int(self.total)
+        return mismatches / total if total > 0 else float("nan")

@@ -1,0 +1,140 @@
+"""What one rank adds up during the training steps of one epoch, without any host-device synchronisation.
+
+Every epoch: the training error and the samples left out. When NC is measured from the training steps
+(online mode): the per-class statistics, shifted by the class means of the previous measurement, and,
+when there is one, the NC4 mismatch against those means (a *lagged* NC4: the means are one measurement
+old, which the log tag says).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_neural_collapse.functional.statistics import GlobalMean
+from lightning_neural_collapse.metrics import ClassificationError, NCCMismatch, NeuralCollapse
+from lightning_neural_collapse.pipeline.labels import counted_samples
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The class means of the latest measurement (``(C, D)`` and the ``(C,)`` mask of present classes),
+    identical on every rank: the next measurement's shift, and online NC4's centres."""
+
+    means: Tensor
+    present: Tensor
+
+    def fits(self, num_classes: int, dim: int) -> bool:
+        """Whether these means have the shape ``(num_classes, dim)``."""
+        return tuple(self.means.shape) == (num_classes, dim)
+
+
+COUNT_KEYS: tuple[str, ...] = ("errors", "total", "nonfinite", "bad_label", "ncc_mismatches", "ncc_total")
+"""The integer counts of :meth:`Accumulator.local_counts`, in the order they travel between ranks."""
+
+
+class Accumulator:
+    """One rank's sums for one epoch.
+
+    Args:
+        num_classes: ``C``.
+        dim: ``D``.
+        device: where the states live (the features' device).
+        statistics: accumulate the per-class statistics (NC is measured from the training steps).
+        reference: the previous measurement's means (the shift, and online NC4's centres), or ``None``.
+        lagged_ncc: count NC4 against ``reference`` (online mode; the exact pass has its own NC4 pass).
+        global_mean: see :class:`~lightning_neural_collapse.NeuralCollapse`.
+        accumulate_dtype: dtype of the per-batch products.
+        sum_dtype: dtype of the sums (float32 only on devices without float64).
+
+    Example:
+        >>> acc = Accumulator(2, 1, torch.device("cpu"), statistics=True)
+        >>> acc.update(torch.tensor([[1.0], [3.0], [float("nan")]]), torch.tensor([[2.0, 0.0]] * 3),
+        ...            torch.tensor([0, 1, 0]))
+        >>> {k: int(v) for k, v in acc.local_counts().items() if v}
+        {'errors': 1, 'total': 2, 'nonfinite': 1}
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device,
+        *,
+        statistics: bool,
+        reference: Reference | None = None,
+        lagged_ncc: bool = True,
+        global_mean: GlobalMean = "classes",
+        accumulate_dtype: torch.dtype = torch.float64,
+        sum_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.num_classes = num_classes
+        self.dim = dim
+        self.device = device
+        self.error = ClassificationError(num_classes).to(device)
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_label = torch.zeros((), dtype=torch.long, device=device)
+        self.statistics: NeuralCollapse | None = None
+        self.ncc: NCCMismatch | None = None
+        self.batches = 0
+        """Batches added (a host-side counter)."""
+        if statistics:
+            self.statistics = new_statistics(
+                num_classes, dim, device, reference, global_mean=global_mean,
+                accumulate_dtype=accumulate_dtype, sum_dtype=sum_dtype,
+            )
+            if lagged_ncc and reference is not None and reference.fits(num_classes, dim):
+                self.ncc = NCCMismatch(reference.means.to(device), reference.present.to(device)).to(device)
+
+    def update(self, features: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Add one batch: ``(B, D)`` features, ``(B, C)`` logits and ``(B,)`` class indices (``-1`` ignored,
+        ``C`` invalid, see :func:`~lightning_neural_collapse.pipeline.labels.class_indices`)."""
+        features = features.to(self.device)
+        logits = logits.to(self.device)
+        labels = labels.to(self.device)
+        counted = counted_samples(labels, self.num_classes, features, logits)
+        labelled = (labels >= 0) & (labels < self.num_classes)
+        self.error.update(logits, labels, counted)
+        self.nonfinite += (labelled & ~counted).sum()
+        self.bad_label += (labels == self.num_classes).sum()
+        if self.statistics is not None:
+            self.statistics.update(features, labels, finite_logits=counted | ~labelled)
+        if self.ncc is not None:
+            self.ncc.update(features, logits, counted)
+        self.batches += 1
+
+    def local_counts(self) -> dict[str, Tensor]:
+        """This rank's integer counts (``int64`` tensors on the device, keys :data:`COUNT_KEYS`); no sync."""
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        ncc = self.ncc
+        return {
+            "errors": self.error.errors,
+            "total": self.error.total,
+            "nonfinite": self.nonfinite,
+            "bad_label": self.bad_label,
+            "ncc_mismatches": ncc.mismatches if ncc is not None else zero,
+            "ncc_total": ncc.total if ncc is not None else zero,
+        }
+
+
+def new_statistics(
+    num_classes: int,
+    dim: int,
+    device: torch.device,
+    reference: Reference | None,
+    *,
+    global_mean: GlobalMean,
+    accumulate_dtype: torch.dtype,
+    sum_dtype: torch.dtype | None,
+) -> NeuralCollapse:
+    """A fresh :class:`~lightning_neural_collapse.NeuralCollapse` on ``device``, shifted by ``reference``
+    when it has the right shape. Labels are class indices already (``ignore_index=-1``)."""
+    stats = NeuralCollapse(
+        num_classes, dim, global_mean=global_mean, ignore_index=-1,
+        accumulate_dtype=accumulate_dtype, sum_dtype=sum_dtype,
+    ).to(device)
+    if reference is not None and reference.fits(num_classes, dim):
+        stats.set_shift(reference.means.to(device), reference.present.to(device))
+    return stats

@@ -1,0 +1,128 @@
+"""Every option of :class:`~lightning_neural_collapse.NeuralCollapseCallback`, validated once, in one place.
+
+A wrong value raises :class:`~lightning.pytorch.utilities.exceptions.MisconfigurationException` at
+construction, and the message names the option to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+Mode = Literal["online", "exact"]
+Measure = Literal["always", "tpt"]
+GlobalMeanChoice = Literal["classes", "sample"]
+DtypeChoice = Literal["float64", "float32"]
+
+MODES: tuple[str, ...] = ("online", "exact")
+MEASURES: tuple[str, ...] = ("always", "tpt")
+GLOBAL_MEANS: tuple[str, ...] = ("classes", "sample")
+DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The callback's options (see :class:`~lightning_neural_collapse.NeuralCollapseCallback` for each).
+
+    Example:
+        >>> Config(every_n_epochs=5).every_n_epochs
+        5
+        >>> Config(mode="fast")
+        Traceback (most recent call last):
+        ...
+        lightning.fabric.utilities.exceptions.MisconfigurationException: `mode` must be one of ('online', 'exact'), got 'fast'
+    """
+
+    mode: Mode = "online"
+    classifier: str | None = None
+    features: str | None = None
+    num_classes: int | None = None
+    label_getter: Callable[[Any], Any] | None = None
+    input_getter: Callable[[Any], Any] | None = None
+    exact_dataloader: Any = None
+    ignore_index: int | None = None
+    every_n_epochs: int = 1
+    measure: Measure = "always"
+    tpt_threshold: float = 0.0
+    global_mean: GlobalMeanChoice = "classes"
+    prefix: str = "nc"
+    log_histograms: bool = True
+    log_figure: bool = True
+    accumulate_dtype: DtypeChoice = "float64"
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("measure", self.measure, MEASURES)
+        _choice("global_mean", self.global_mean, GLOBAL_MEANS)
+        _choice("accumulate_dtype", self.accumulate_dtype, tuple(DTYPES))
+        if not _is_int(self.every_n_epochs) or self.every_n_epochs < 1:
+            raise MisconfigurationException(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs!r}")
+        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
+            raise MisconfigurationException(f"`num_classes` must be an integer >= 2, got {self.num_classes!r}")
+        if self.ignore_index is not None and not _is_int(self.ignore_index):
+            raise MisconfigurationException(f"`ignore_index` must be an integer or None, got {self.ignore_index!r}")
+        threshold = self.tpt_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+            raise MisconfigurationException(f"`tpt_threshold` must lie in [0, 1), got {threshold!r}")
+        if not isinstance(self.prefix, str) or not self.prefix or self.prefix.endswith("/") or " " in self.prefix:
+            raise MisconfigurationException(f"`prefix` must be a non-empty tag such as 'nc', got {self.prefix!r}")
+        for name in ("classifier", "features"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise MisconfigurationException(f"`{name}` must be a dotted module name such as 'fc', got {value!r}")
+        for name in ("label_getter", "input_getter"):
+            getter = getattr(self, name)
+            if getter is not None and not callable(getter):
+                raise MisconfigurationException(f"`{name}` must be callable (batch -> tensor), got {getter!r}")
+        for name in ("log_histograms", "log_figure"):
+            if not isinstance(getattr(self, name), bool):
+                raise MisconfigurationException(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        if self.exact_dataloader is not None:
+            if self.mode != "exact":
+                raise MisconfigurationException(
+                    "`exact_dataloader` is used by the exact pass only: set `mode='exact'` as well, or drop it"
+                )
+            if not (_is_loader(self.exact_dataloader) or callable(self.exact_dataloader)):
+                raise MisconfigurationException(
+                    "`exact_dataloader` must be a DataLoader or a function with no argument returning one, "
+                    f"got {self.exact_dataloader!r}"
+                )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """``accumulate_dtype`` as a torch dtype."""
+        return DTYPES[self.accumulate_dtype]
+
+    @property
+    def figure_name(self) -> str:
+        """The file name of this instance's figure: ``neural_collapse.png`` for the prefix ``nc``, else
+        ``neural_collapse_<prefix>.png`` with ``/`` turned into ``_`` (one file per prefix).
+
+        Example:
+            >>> Config(prefix="nc/layer3").figure_name
+            'neural_collapse_nc_layer3.png'
+        """
+        if self.prefix == "nc":
+            return "neural_collapse.png"
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.prefix)
+        return f"neural_collapse_{safe}.png"
+
+
+def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MisconfigurationException(f"`{option}` must be one of {choices}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_loader(value: Any) -> bool:
+    from torch.utils.data import DataLoader
+
+    return isinstance(value, DataLoader)
+

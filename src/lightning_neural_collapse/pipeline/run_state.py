@@ -1,0 +1,207 @@
+"""The callback's state: what a checkpoint keeps (:class:`SavedState`) and what lives for one fit (:class:`FitState`).
+
+:class:`SavedState` is the run's record: the history (one dict per finished epoch), the TPT detector, the
+class means of the latest measurement (next shift, online NC4 centres) and the last finished epoch. It is
+the callback's ``state_dict``, so a checkpoint written at the end of epoch ``e`` (at its last batch, at
+validation end or at epoch end) holds epoch ``e``, and resuming from it neither repeats nor loses an epoch.
+
+:class:`FitState` lives from ``on_fit_start`` to ``teardown``: the binding to the model, the first-step
+checks, the epoch being accumulated (:class:`OpenEpoch`) and the one held on standby.
+
+Epochs are opened by the first training batch seen with a new ``trainer.current_epoch`` (Lightning calls
+no ``on_train_epoch_start`` when it resumes mid-epoch), and an epoch opened at a batch index other than 0
+is *partial*: its first batches ran before the checkpoint and their sums are lost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lightning_neural_collapse.functional.collapse import NC4_KEY
+from lightning_neural_collapse.pipeline.accumulate import Accumulator, Reference
+from lightning_neural_collapse.pipeline.capture import Binding
+from lightning_neural_collapse.pipeline.compute import EpochOutcome
+from lightning_neural_collapse.pipeline.first_step import FirstStep, Shapes
+from lightning_neural_collapse.pipeline.labels import LabelReader
+from lightning_neural_collapse.pipeline.schedule import EpochPlan
+from lightning_neural_collapse.tpt import TPTDetector
+
+LAGGED_NC4_KEY = "nc4_ncc_mismatch_prev_means"
+"""Online NC4: the mismatch against the class means of the previous measurement (SPEC.md: say which in the tag)."""
+EVAL_ERROR_KEY = "train_error_eval"
+"""Exact mode: the training error of the eval-mode pass (``train_error`` is always that of the training steps)."""
+EVAL_SKIPPED_KEY = "skipped_samples_eval"
+"""Exact mode: samples the eval-mode pass left out (``skipped_samples`` is always that of the training steps)."""
+STATE_VERSION = 2
+
+
+class SavedState:
+    """What a checkpoint keeps of the callback.
+
+    Example:
+        >>> saved = SavedState(tpt_threshold=0.0)
+        >>> saved.commit({"epoch": 0, "step": 7, "train_error": 0.1})
+        >>> restored = SavedState(0.0)
+        >>> restored.load_state_dict(saved.state_dict())
+        >>> restored.history, restored.finished_epoch
+        ([{'epoch': 0, 'step': 7, 'train_error': 0.1}], 0)
+    """
+
+    def __init__(self, tpt_threshold: float) -> None:
+        self.history: list[dict[str, float]] = []
+        self.tpt = TPTDetector(tpt_threshold)
+        self.reference: Reference | None = None
+        self.finished_epoch: int | None = None
+        self.restored = False
+        """Whether :meth:`load_state_dict` ran since the last fit (the next fit continues that run)."""
+
+    def clear(self) -> None:
+        """Forget everything (a new run)."""
+        self.history = []
+        self.tpt = TPTDetector(self.tpt.threshold)
+        self.reference = None
+        self.finished_epoch = None
+
+    def finished(self, epoch: int) -> bool:
+        """Whether ``epoch`` was finished already (for example before the checkpoint this run resumed from)."""
+        return self.finished_epoch is not None and epoch <= self.finished_epoch
+
+    def commit(self, record: dict[str, float]) -> None:
+        """Append an epoch's record and mark the epoch finished."""
+        self.history.append(record)
+        self.finished_epoch = int(record["epoch"])
+
+    def mark_finished(self, epoch: int) -> None:
+        """Mark ``epoch`` finished without a record (it was skipped)."""
+        self.finished_epoch = epoch
+
+    def record(self, epoch: int) -> dict[str, float] | None:
+        """The history record of ``epoch``, or ``None``."""
+        for row in reversed(self.history):
+            if int(row["epoch"]) == epoch:
+                return row
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and CPU tensors only."""
+        reference = self.reference
+        return {
+            "version": STATE_VERSION,
+            "history": [dict(row) for row in self.history],
+            **self.tpt.state_dict(),
+            "reference_means": None if reference is None else reference.means,
+            "reference_present": None if reference is None else reference.present,
+            "finished_epoch": self.finished_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (older checkpoints without some keys load too)."""
+        self.history = [dict(row) for row in state.get("history", [])]
+        self.tpt.load_state_dict(state)
+        means, present = state.get("reference_means"), state.get("reference_present")
+        self.reference = Reference(means, present) if means is not None and present is not None else None
+        finished = state.get("finished_epoch")
+        if finished is None and self.history:
+            finished = int(self.history[-1]["epoch"])
+        self.finished_epoch = finished
+        self.restored = True
+
+
+@dataclass
+class OpenEpoch:
+    """The epoch whose training steps are being accumulated on this rank.
+
+    Attributes:
+        epoch: ``trainer.current_epoch``.
+        plan: what online mode accumulates (see :class:`~lightning_neural_collapse.pipeline.schedule.EpochPlan`).
+        partial: opened at a batch index other than 0 (resumed mid-epoch): its first batches are missing.
+        accumulator: the sums, allocated at the first batch whose shapes are known.
+        failure: why a batch could not be measured, or ``None``.
+        step: the logging step of the epoch's end, set when its last training batch has ended.
+    """
+
+    epoch: int
+    plan: EpochPlan
+    partial: bool = False
+    accumulator: Accumulator | None = None
+    failure: str | None = None
+    step: int | None = None
+
+
+@dataclass
+class FitState:
+    """Everything that lives for one fit (rebuilt by every ``fit``); see the module docstring.
+
+    Attributes:
+        binding: the classifier hooks.
+        first_step: the pending first-step checks, ``None`` once done.
+        shapes: ``C`` and ``D``, known after the first forward.
+        labels: reads class indices, once ``C`` is known.
+        exact_loader: the exact pass's loader (built at the first exact measurement).
+        open: the epoch being accumulated.
+        held: online mode's standby epoch: measured only if the fit ends with it.
+        exact_measured: an exact pass succeeded in this fit (before that, a failing pass is an error).
+        last_finished: the latest epoch this fit recorded, and ``last_measured`` the latest it measured NC in.
+        warned: keys of the warnings already given in this fit.
+    """
+
+    binding: Binding
+    first_step: FirstStep | None = None
+    shapes: Shapes | None = None
+    labels: LabelReader | None = None
+    exact_loader: Any = None
+    open: OpenEpoch | None = None
+    held: OpenEpoch | None = None
+    exact_measured: bool = False
+    last_finished: int | None = None
+    last_measured: int | None = None
+    warned: set[str] = field(default_factory=set)
+
+
+def build_record(
+    outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, partial: bool
+) -> dict[str, float]:
+    """An epoch's history record from its :class:`~lightning_neural_collapse.pipeline.compute.EpochOutcome`.
+
+    Keys: ``epoch``, ``step`` (the logging step of the epoch's end), ``train_error`` (the training steps'
+    error; absent for a partial epoch), ``skipped_samples`` (left out of the training steps' counts), and
+    when measured the metric values, NC4 (``nc4_ncc_mismatch`` from the exact pass,
+    ``nc4_ncc_mismatch_prev_means`` online) and, in exact mode, ``train_error_eval`` and
+    ``skipped_samples_eval`` of the eval-mode pass.
+
+    Example:
+        >>> outcome = EpochOutcome("counted", {"errors": 1, "total": 4, "nonfinite": 0, "bad_label": 0,
+        ...                                    "ncc_mismatches": 0, "ncc_total": 0})
+        >>> build_record(outcome, 3, 31, exact=False, partial=False)
+        {'epoch': 3, 'step': 31, 'train_error': 0.25, 'skipped_samples': 0.0}
+    """
+    counts = outcome.counts
+    record: dict[str, float] = {"epoch": epoch, "step": step}
+    if not partial and counts.get("total", 0) > 0:
+        record["train_error"] = counts["errors"] / counts["total"]
+    record["skipped_samples"] = float(counts.get("nonfinite", 0) + counts.get("bad_label", 0))
+    if outcome.status == "measured":
+        record.update(outcome.values)
+        if exact:
+            extra = outcome.exact_counts
+            if extra.get("total", 0) > 0:
+                record[EVAL_ERROR_KEY] = extra["errors"] / extra["total"]
+            if extra.get("ncc_total", 0) > 0:
+                record[NC4_KEY] = extra["ncc_mismatches"] / extra["ncc_total"]
+            record[EVAL_SKIPPED_KEY] = float(extra.get("nonfinite", 0) + extra.get("bad_label", 0))
+        elif counts.get("ncc_total", 0) > 0:
+            record[LAGGED_NC4_KEY] = counts["ncc_mismatches"] / counts["ncc_total"]
+    return {key: value for key, value in record.items() if not isinstance(value, float) or math.isfinite(value)}
+
+
+def reference_of(outcome: EpochOutcome) -> Reference | None:
+    """The class means a measured outcome leaves for the next measurement (on the CPU), or ``None``."""
+    stats = outcome.statistics
+    if stats is None:
+        return None
+    means: Tensor = stats.means.detach().cpu()
+    return Reference(means, stats.present.detach().cpu())

@@ -1,0 +1,110 @@
+"""``Reporter``: one callback instance's way out to the loggers, at the steps Lightning uses.
+
+Scalars of an epoch go to every logger at the step of Lightning's own epoch-end metrics (the one
+``self.log(..., on_epoch=True)`` and ``LearningRateMonitor`` use, counted in batches that stepped, so also
+right under manual optimisation with several optimizers), and into ``trainer.callback_metrics`` on every
+rank, so that ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. Histograms, the dashboard and
+the figure are written on global rank 0 only. The figure goes to each logger that shows images, as
+``<prefix>/figure`` (MLflow: into the run's artifacts), and is saved as a file in the run's own
+directory (TensorBoard's or CSV's version folder, the W&B run folder), one file per prefix, never into a
+folder that other runs share. Nothing here raises: a failure is one warning and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_neural_collapse.functional.etf_deviation import etf_deviation, ideal_values
+from lightning_neural_collapse.functional.statistics import ClassStatistics, GlobalMean
+from lightning_neural_collapse.reporting.capabilities import run_dir
+from lightning_neural_collapse.reporting.dashboard import log_dashboard
+from lightning_neural_collapse.reporting.figures import log_figure, plot_history, save_figure
+from lightning_neural_collapse.reporting.histograms import log_histograms
+from lightning_neural_collapse.reporting.scalars import log_scalars
+
+_NOT_SCALARS = ("epoch", "step")
+
+
+def epoch_end_step(trainer: Any, *, after_epoch_end: bool) -> int:
+    """The logging step of the current epoch's end: Lightning's batches-that-stepped counter minus one once the
+    epoch's last batch is done (``on_train_epoch_end``), or the counter itself during that batch's
+    ``on_train_batch_end``; ``trainer.global_step`` where the counter is unavailable."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    if not isinstance(stepped, int):
+        return int(trainer.global_step)
+    return max(stepped - 1, 0) if after_epoch_end else stepped
+
+
+class Reporter:
+    """Reports one callback instance's numbers (see the module docstring).
+
+    Args:
+        prefix: first part of every tag.
+        log_histograms: write the ETF-deviation histograms.
+        log_figure: log and save the figure at the end of the fit.
+        figure_name: the figure's file name (one per prefix).
+        global_mean: see :func:`~lightning_neural_collapse.functional.etf_deviation`.
+    """
+
+    def __init__(
+        self, prefix: str, *, log_histograms: bool, log_figure: bool, figure_name: str, global_mean: GlobalMean
+    ) -> None:
+        self.prefix = prefix
+        self.histograms = log_histograms
+        self.figure = log_figure
+        self.figure_name = figure_name
+        self.global_mean = global_mean
+
+    def dashboard(self, trainer: Any, prefixes: Sequence[str]) -> None:
+        """Write one custom-scalars layout holding every prefix (rank 0; call it from one instance only)."""
+        if trainer.is_global_zero:
+            log_dashboard(trainer.loggers, list(prefixes))
+
+    def scalars(self, trainer: Any, record: Mapping[str, float]) -> None:
+        """``record``'s values as ``<prefix>/<key>`` at ``record["step"]``, and into ``callback_metrics``."""
+        scalars = {f"{self.prefix}/{key}": float(value) for key, value in record.items() if key not in _NOT_SCALARS}
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in scalars.items()})
+        log_scalars(trainer.loggers, scalars, int(record["step"]))
+
+    def distributions(
+        self, trainer: Any, stats: ClassStatistics | None, weight: Tensor | None, step: int
+    ) -> None:
+        """The ETF-deviation histograms of a measurement (rank 0)."""
+        if stats is None or not self.histograms or not trainer.is_global_zero:
+            return
+        values = etf_deviation(stats, weight, global_mean=self.global_mean)
+        ideal = ideal_values(int(stats.present.sum()))
+        log_histograms(trainer.loggers, values, step, prefix=self.prefix, ideal=ideal)
+
+    def final_figure(
+        self, trainer: Any, history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str
+    ) -> str | None:
+        """Draw the history, log it as ``<prefix>/figure`` and save it in the run's directory (rank 0).
+
+        Returns:
+            The path of the saved file, or ``None`` (no figure asked for, no history, no logger with a
+            directory of its own, or a failure, which gives one warning).
+        """
+        if not (self.figure and trainer.is_global_zero and trainer.loggers and history):
+            return None
+        try:
+            figure = plot_history(history, tpt_epoch, title=title)
+            step = int(history[-1].get("step", trainer.global_step))
+            log_figure(trainer.loggers, figure, step=step, tag=f"{self.prefix}/figure")
+            # not `trainer.log_dir`: it broadcasts (a collective) and only rank 0 gets here
+            directory = next((d for d in map(run_dir, trainer.loggers) if d), None)
+            return save_figure(figure, os.path.join(directory, self.figure_name)) if directory else None
+        except Exception as err:  # a lost figure must not fail a finished run
+            rank_zero_warn(
+                f"NeuralCollapseCallback: no figure ({type(err).__name__}: {err}); set `log_figure=False` to skip it. "
+                "The scalars and `history` are complete.",
+                category=RuntimeWarning,
+            )
+            return None
