@@ -52,8 +52,14 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
 
     return nn.Sequential(
-        block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, num_classes),
+        block(3, 32),
+        block(32, 64),
+        block(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
     )
 
 
@@ -64,11 +70,17 @@ def resnet18_like(num_classes: int = 10) -> nn.Module:
         def __init__(self, c_in: int, c_out: int, stride: int) -> None:
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
             )
-            self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
-                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+            self.skip = (
+                nn.Identity()
+                if stride == 1 and c_in == c_out
+                else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.relu(self.body(x) + self.skip(x))
@@ -109,8 +121,14 @@ def run(config: str, args: argparse.Namespace, data: TensorDataset) -> float:
         mode, _, every = config.partition("/")
         callbacks.append(NeuralCollapseCallback(mode=mode, every_n_epochs=int(every or 1), log_figure=False))
     trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_epochs=args.epochs, callbacks=[*callbacks, timer], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator=args.device,
+        devices=1,
+        max_epochs=args.epochs,
+        callbacks=[*callbacks, timer],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         precision=args.precision,
     )
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
@@ -127,26 +145,33 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is dropped")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds over the configurations")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (1 is steadier on a shared or busy CPU)")
-    parser.add_argument("--configs", default="none,online,exact,exact/5",
-                        help="comma-separated: none, online, exact, or MODE/N for every_n_epochs=N")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a shared or busy CPU)"
+    )
+    parser.add_argument(
+        "--configs",
+        default="none,online,exact,exact/5",
+        help="comma-separated: none, online, exact, or MODE/N for every_n_epochs=N",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(args.samples, 3, 32, 32, generator=g),
-                         torch.randint(0, 10, (args.samples,), generator=g))
+    data = TensorDataset(
+        torch.randn(args.samples, 3, 32, 32, generator=g), torch.randint(0, 10, (args.samples,), generator=g)
+    )
     configs = args.configs.split(",")
     times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(args.repeats):
         for config in configs:
             times[config].append(run(config, args, data))
     base = statistics.median(times[configs[0]])
-    print(f"\n{args.model} on {args.device}, {args.samples} samples of 3x32x32, batch {args.batch_size}, "
-          f"{args.repeats} alternating rounds of {args.epochs} epochs (first dropped), torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"\n{args.model} on {args.device}, {args.samples} samples of 3x32x32, batch {args.batch_size}, "
+        f"{args.repeats} alternating rounds of {args.epochs} epochs (first dropped), torch threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"| configuration | median epoch time (s) | ratio to {configs[0]} |")
     print("|---|---|---|")
     for config in configs:

@@ -54,9 +54,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return statistics.median(times)
 
 
-def make_data(
-    num_classes: int, dim: int, num_samples: int, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
+def make_data(num_classes: int, dim: int, num_samples: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(num_classes * 7919 + dim)
     means = 3.0 * torch.randn(num_classes, dim, generator=gen)
     labels = torch.arange(num_samples) % num_classes
@@ -71,18 +69,14 @@ def two_pass(features: Tensor, labels: Tensor, weight: Tensor, num_classes: int)
     h = features.to(torch.float64)
     w = weight.to(torch.float64)
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    means = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(
-        0, labels, h
-    )
+    means = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, labels, h)
     means = means / counts[:, None]
     centred = h - means[labels]  # second pass
     sigma_w = centred.T @ centred / h.shape[0]
     m = means - means.mean(0)
     sigma_b = m.T @ m / num_classes
     nc1 = torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / num_classes
-    var = torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(
-        0, labels, centred.square().sum(1)
-    )
+    var = torch.zeros(num_classes, dtype=torch.float64, device=h.device).index_add_(0, labels, centred.square().sum(1))
     var = var / counts
     off = ~torch.eye(num_classes, dtype=torch.bool, device=h.device)
     dist2 = torch.cdist(means, means).square()[off]
@@ -104,9 +98,7 @@ def two_pass(features: Tensor, labels: Tensor, weight: Tensor, num_classes: int)
     return out
 
 
-def bench_config(
-    num_classes: int, dim: int, num_samples: int, repeats: int, device: torch.device
-) -> dict[str, float]:
+def bench_config(num_classes: int, dim: int, num_samples: int, repeats: int, device: torch.device) -> dict[str, float]:
     features, labels, weight = make_data(num_classes, dim, num_samples, device)
     metric = NeuralCollapse(num_classes, dim).to(device)
     update_times = []

@@ -251,9 +251,7 @@ def simplex_etf(num_classes: int, dim: int, rng: np.random.Generator) -> np.ndar
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def _shuffle(
-    features: np.ndarray, labels: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _shuffle(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     order = rng.permutation(len(labels))
     return features[order], labels[order]
 
@@ -289,9 +287,7 @@ def gaussian_mixture(
     return Case(name or f"gmm_c{num_classes}_d{dim}", features, labels, weight, bias)
 
 
-def near_collapse(
-    num_classes: int, dim: int, *, seed: int = 0, noise: float = 0.02, norm: float = 100.0
-) -> Case:
+def near_collapse(num_classes: int, dim: int, *, seed: int = 0, noise: float = 0.02, norm: float = 100.0) -> Case:
     """Nearly collapsed features: means of norm ~``norm`` near a simplex ETF, tiny within-class noise."""
     rng = np.random.default_rng(seed)
     counts = rng.integers(50, 150, size=num_classes)
@@ -308,9 +304,7 @@ def near_collapse(
     return Case(f"near_collapse_c{num_classes}_d{dim}", features, labels, weight, bias)
 
 
-def exact_etf(
-    num_classes: int, dim: int, counts: list[int] | np.ndarray, *, seed: int = 0, scale: float = 3.0
-) -> Case:
+def exact_etf(num_classes: int, dim: int, counts: list[int] | np.ndarray, *, seed: int = 0, scale: float = 3.0) -> Case:
     """Features exactly at the vertices of a (rotated, scaled, offset) simplex ETF, imbalanced classes.
 
     The classifier rows are proportional to the centred vertices and the bias cancels the offset, so every
@@ -393,9 +387,7 @@ def compare(
         tol = tolerances if isinstance(tolerances, float) else tolerances[key]
         err = relative_error(actual[key], expected[key], floor)
         if not err <= tol:
-            problems.append(
-                f"{key}: actual={actual[key]!r} expected={expected[key]!r} rel_err={err:.3g} > {tol}"
-            )
+            problems.append(f"{key}: actual={actual[key]!r} expected={expected[key]!r} rel_err={err:.3g} > {tol}")
     return problems
 
 
@@ -413,9 +405,7 @@ FLOAT32_FLOOR = 1e-4
 """float32 rounding of the inputs leaves NC2/NC3 values of ~1e-8 where the exact value is 0."""
 
 
-def assert_matches_reference(
-    got: dict[str, float], ref: dict[str, float], num_samples: int, float32: bool
-) -> None:
+def assert_matches_reference(got: dict[str, float], ref: dict[str, float], num_samples: int, float32: bool) -> None:
     """Assert the same keys on both sides and agreement within the tolerances above; NC4 within 2/N.
 
     ``float32``: the inputs of ``got`` were the float32-rounded features (and classifier).
@@ -424,12 +414,8 @@ def assert_matches_reference(
     assert all(math.isfinite(v) for v in got.values())
     keys = tuple(k for k in got if k != NC4_KEY)
     if float32:
-        problems = compare(
-            got, ref, FLOAT32_TOL, floor=FLOAT32_FLOOR, keys=tuple(k for k in keys if k in NC2_NC3_KEYS)
-        )
-        problems += compare(
-            got, ref, FLOAT32_TOL, floor=FLOOR, keys=tuple(k for k in keys if k not in NC2_NC3_KEYS)
-        )
+        problems = compare(got, ref, FLOAT32_TOL, floor=FLOAT32_FLOOR, keys=tuple(k for k in keys if k in NC2_NC3_KEYS))
+        problems += compare(got, ref, FLOAT32_TOL, floor=FLOOR, keys=tuple(k for k in keys if k not in NC2_NC3_KEYS))
     else:
         problems = compare(got, ref, FLOAT64_TOL, floor=FLOOR, keys=keys)
     assert not problems, "\n".join(problems)

@@ -35,12 +35,17 @@ class NoisyDataset(Dataset):
 class ToyClassifier(L.LightningModule):
     """MLP body (with BatchNorm and Dropout) and a linear classifier ``fc``."""
 
-    def __init__(self, in_dim: int = 10, width: int = 32, num_classes: int = 4, lr: float = 0.1,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_dim: int = 10, width: int = 32, num_classes: int = 4, lr: float = 0.1, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(width, width), nn.ReLU(),
+            nn.Linear(in_dim, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, width),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(width, num_classes)
         self.lr = lr

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -22,13 +23,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from lightning_neural_collapse.functional.statistics import ClassStatistics
-from lightning_neural_collapse.metrics import NCCMismatch
-from lightning_neural_collapse.pipeline.accumulate import COUNT_KEYS, Accumulator
+from lightning_neural_collapse.pipeline import diagnostics as say
+from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.capture import Binding, CaptureShapeError
-from lightning_neural_collapse.pipeline.compute import EpochOutcome, ExactRun, LocalEpoch, RankGroup, finish_epoch
+from lightning_neural_collapse.pipeline.compute import Agreement, EpochOutcome, RankGroup, finish_epoch
 from lightning_neural_collapse.pipeline.config import Config, DtypeChoice, GlobalMeanChoice, Measure, Mode
-from lightning_neural_collapse.pipeline.diagnostics import epoch_warnings
-from lightning_neural_collapse.pipeline.exact import ExactLoaderError, ExactPass, batch_limit, exact_loader
+from lightning_neural_collapse.pipeline.exact import (
+    ExactLoaderError,
+    ExactMeasurement,
+    ExactPass,
+    batch_limit,
+    exact_loader,
+)
 from lightning_neural_collapse.pipeline.first_step import FirstStep
 from lightning_neural_collapse.pipeline.labels import LabelReader, default_input_getter
 from lightning_neural_collapse.pipeline.probe import is_compiled
@@ -114,15 +120,31 @@ class NeuralCollapseCallback(Callback):
         accumulate_dtype: DtypeChoice = "float64",
     ) -> None:
         self.config = Config(
-            mode=mode, classifier=classifier, features=features, num_classes=num_classes,
-            label_getter=label_getter, input_getter=input_getter, exact_dataloader=exact_dataloader,
-            ignore_index=ignore_index, every_n_epochs=every_n_epochs, measure=measure, tpt_threshold=tpt_threshold,
-            global_mean=global_mean, prefix=prefix, log_histograms=log_histograms, log_figure=log_figure,
+            mode=mode,
+            classifier=classifier,
+            features=features,
+            num_classes=num_classes,
+            label_getter=label_getter,
+            input_getter=input_getter,
+            exact_dataloader=exact_dataloader,
+            ignore_index=ignore_index,
+            every_n_epochs=every_n_epochs,
+            measure=measure,
+            tpt_threshold=tpt_threshold,
+            global_mean=global_mean,
+            prefix=prefix,
+            log_histograms=log_histograms,
+            log_figure=log_figure,
             accumulate_dtype=accumulate_dtype,
         )
         self.schedule = Schedule(every_n_epochs, measure)
-        self.reporter = Reporter(prefix, log_histograms=log_histograms, log_figure=log_figure,
-                                 figure_name=self.config.figure_name, global_mean=global_mean)
+        self.reporter = Reporter(
+            prefix,
+            log_histograms=log_histograms,
+            log_figure=log_figure,
+            figure_name=self.config.figure_name,
+            global_mean=global_mean,
+        )
         self._saved = SavedState(tpt_threshold)
         self._fit: FitState | None = None
         self._group = RankGroup()
@@ -178,13 +200,18 @@ class NeuralCollapseCallback(Callback):
         config, compiled = self.config, is_compiled(pl_module)
         binding = Binding(pl_module, config.classifier, config.features, count_calls=not compiled)
         if binding.automatic:
-            rank_zero_info(f"NeuralCollapseCallback: using `{binding.name}` ({type(binding.module).__name__}) as "
-                           "the classifier.")
-        self._fit = fit = FitState(binding)
-        fit.first_step = FirstStep(
-            binding, num_classes=config.num_classes, label_getter=config.label_getter,
-            ignore_index=config.ignore_index, input_getter=self._input_getter if config.mode == "exact" else None,
-            probe=not compiled, warn=self._warn_once,
+            rank_zero_info(
+                f"NeuralCollapseCallback: using `{binding.name}` ({type(binding.module).__name__}) as the classifier."
+            )
+        self._fit = FitState(binding)
+        self._fit.first_step = FirstStep(
+            binding,
+            num_classes=config.num_classes,
+            label_getter=config.label_getter,
+            ignore_index=config.ignore_index,
+            input_getter=self._input_getter if config.mode == "exact" else None,
+            probe=not compiled,
+            warn=self._warn_once,
         )
 
     @override
@@ -200,13 +227,13 @@ class NeuralCollapseCallback(Callback):
             except ExactLoaderError as err:
                 raise MisconfigurationException(str(err)) from err
             if trainer.world_size > 1 and any("running" in name for name, _ in pl_module.named_buffers()):
-                rank_zero_info("NeuralCollapseCallback(mode='exact'): under DDP every rank measures with rank 0's "
-                               "BatchNorm running statistics (as DDP's forward broadcasts them).")
+                rank_zero_info(
+                    "NeuralCollapseCallback(mode='exact'): under DDP every rank measures with rank 0's "
+                    "BatchNorm running statistics (as DDP's forward broadcasts them)."
+                )
         elif isinstance(loader, DataLoader) and _pads_samples(loader):
             rank_zero_warn(
-                f"NeuralCollapseCallback(mode='online'): the DistributedSampler pads {len(loader.dataset)} samples "  # type: ignore[arg-type]
-                f"to a multiple of {trainer.world_size} ranks, so each epoch counts up to {trainer.world_size - 1} "
-                "samples twice. Use mode='exact' to count every sample exactly once.",
+                say.padded_sampler(len(loader.dataset), trainer.world_size),  # type: ignore[arg-type]
                 category=RuntimeWarning,
             )
         instances = _instances(trainer)
@@ -264,6 +291,8 @@ class NeuralCollapseCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fit is None:
             return
+        if self._fit.open is not None:
+            self._finish(trainer, pl_module)
         self._measure_last_epoch(trainer, pl_module)
         title = f"Neural Collapse ({self.config.mode} mode)"
         self.figure_path = self.reporter.final_figure(trainer, self.history, self.tpt_epoch, title)
@@ -285,7 +314,7 @@ class NeuralCollapseCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ capture and accumulate
 
     def _input_getter(self, batch: Any) -> Any:
         return (self.config.input_getter or default_input_getter)(batch)
@@ -301,61 +330,54 @@ class NeuralCollapseCallback(Callback):
         shapes = fit.first_step.finish(loss)
         if shapes is None:
             return  # the classifier did not run: check again at the next step
-        fit.first_step = None
-        fit.shapes = shapes
+        fit.first_step, fit.shapes = None, shapes
         fit.labels = LabelReader(self.config.label_getter, shapes.num_classes, self.config.ignore_index)
         if fit.binding.parameters(shapes.num_classes, shapes.dim)[0] is None:
-            self._warn_once("no-weight", f"NeuralCollapseCallback: `{fit.binding.name}` has no ({shapes.num_classes} "
-                            f"x {shapes.dim}) weight; NC2 of the weights and NC3 are not measured.")
+            self._warn_once("no-weight", say.no_weight(fit.binding.name, shapes.num_classes, shapes.dim))
 
     def _accumulate(self, fit: FitState, batch: Any) -> None:
-        epoch = fit.open
+        epoch, capture = fit.open, fit.binding.capture
         if epoch is None or epoch.failure is not None:
             return
         try:
-            captured = fit.binding.capture.take()
-        except CaptureShapeError as err:
-            epoch.failure = str(err)
-            self._warn_once("batch-error", f"NeuralCollapseCallback: {err}")
-            return
-        if captured is None:
-            self._warn_once("no-forward", f"NeuralCollapseCallback: the classifier `{fit.binding.name}` did not run "
-                            "in a training step; that batch is not measured. Set `classifier=` to the layer the "
-                            "training step uses.")
-            return
-        if fit.binding.capture.calls > 1:
-            self._warn_once("forwards", f"NeuralCollapseCallback: the classifier `{fit.binding.name}` ran "
-                            f"{fit.binding.capture.calls} times in one training step (SAM, FixMatch, several views?); "
-                            "each step's last forward is measured, and its samples must pair with the labels "
-                            "(`label_getter=`).")
-        if fit.shapes is None or fit.labels is None:
-            return
-        features, logits = captured
-        try:
+            captured = capture.take()
+            if captured is None:
+                self._warn_once("no-forward", say.no_forward(fit.binding.name))
+                return
+            if capture.calls > 1:
+                self._warn_once("forwards", say.several_forwards(fit.binding.name, capture.calls))
+            if fit.shapes is None or fit.labels is None:
+                return
+            features, logits = captured
             labels = fit.labels.read(batch, features.device)
             if labels.shape[0] != features.shape[0]:
-                self._warn_once("batch-size", f"NeuralCollapseCallback: {labels.shape[0]} labels for "
-                                f"{features.shape[0]} features in a batch (mixup, several views, several "
-                                "forwards?); such batches are skipped. Use `label_getter=`.")
+                self._warn_once("batch-size", say.batch_size_mismatch(labels.shape[0], features.shape[0]))
                 return
             if epoch.accumulator is None:
-                epoch.accumulator = self._accumulator(fit, features, statistics=epoch.plan.accumulates, lagged=True)
+                epoch.accumulator = self._accumulator(fit, features.device, statistics=epoch.plan.accumulates)
             epoch.accumulator.update(features, logits, labels)
         except Exception as err:  # after the first step's checks, never stop the run
-            epoch.failure = f"{type(err).__name__}: {err}"
-            self._warn_once("batch-error", f"NeuralCollapseCallback: a training batch of epoch {epoch.epoch} could "
-                            f"not be measured ({epoch.failure}); nothing is logged for such an epoch. If the batch "
-                            "format changes during training, pass `label_getter=` (and `input_getter=` for "
-                            "mode='exact').")
+            epoch.failure = str(err) if isinstance(err, CaptureShapeError) else f"{type(err).__name__}: {err}"
+            self._warn_once("batch-error", say.batch_error(epoch.epoch, epoch.failure))
 
-    def _accumulator(self, fit: FitState, features: Tensor, *, statistics: bool, lagged: bool) -> Accumulator:
+    def _accumulator(
+        self, fit: FitState, device: torch.device, *, statistics: bool, lagged: bool = True
+    ) -> Accumulator:
         assert fit.shapes is not None
-        device, config = features.device, self.config
-        sum_dtype = None if device.type != "mps" else config.dtype  # MPS has no float64
+        config = self.config
         return Accumulator(
-            fit.shapes.num_classes, fit.shapes.dim, device, statistics=statistics, reference=self._saved.reference,
-            lagged_ncc=lagged, global_mean=config.global_mean, accumulate_dtype=config.dtype, sum_dtype=sum_dtype,
+            fit.shapes.num_classes,
+            fit.shapes.dim,
+            device,
+            statistics=statistics,
+            reference=self._saved.reference,
+            lagged_ncc=lagged,
+            global_mean=config.global_mean,
+            accumulate_dtype=config.dtype,
+            sum_dtype=config.dtype if device.type == "mps" else None,  # MPS has no float64
         )
+
+    # ------------------------------------------------------------------ compute and report
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit = self._fit
@@ -365,21 +387,18 @@ class NeuralCollapseCallback(Callback):
             return  # finished before the checkpoint this fit resumed from
         exact = self.config.mode == "exact"
         if epoch.partial and not exact:
-            self._warn_once("partial", f"NeuralCollapseCallback: epoch {epoch.epoch} resumed from a mid-epoch "
-                            "checkpoint; its first batches were measured before it and their sums are lost, so "
-                            "that epoch is not logged (and TPT is not decided on it). Measuring goes on with the "
-                            "next epoch; mode='exact' measures resumed epochs in full.")
+            self._warn_once("partial", say.partial_epoch(epoch.epoch))
             self._saved.mark_finished(epoch.epoch)
             return
         step = epoch.step if epoch.step is not None else epoch_end_step(trainer, after_epoch_end=True)
-        outcome = self._run_finish(trainer, pl_module, fit, epoch, exact=exact)
+        outcome = self._run_finish(trainer, pl_module, fit, epoch)
         if outcome.stage == "training steps":
             self._warn_failure(outcome, epoch.epoch)
             self._saved.mark_finished(epoch.epoch)
             return
-        if outcome.stage:  # the exact pass failed on some rank
+        if outcome.stage:  # the exact pass failed on some rank: every rank gets here
             if not fit.exact_measured:
-                raise MisconfigurationException(self._exact_failure(outcome))
+                raise MisconfigurationException(say.exact_failure(outcome.stage, outcome.failure, outcome.failed_ranks))
             self._warn_failure(outcome, epoch.epoch)
         record = build_record(outcome, epoch.epoch, step, exact=exact, partial=epoch.partial)
         self._commit(trainer, pl_module, fit, record, outcome)
@@ -387,151 +406,131 @@ class NeuralCollapseCallback(Callback):
             fit.held = epoch  # measured if the fit ends with this epoch
 
     def _run_finish(
-        self, trainer: Trainer, pl_module: LightningModule, fit: FitState, epoch: OpenEpoch, *, exact: bool,
-        force: bool = False,
+        self, trainer: Trainer, pl_module: LightningModule, fit: FitState, epoch: OpenEpoch, *, force: bool = False
     ) -> EpochOutcome:
+        """Finish ``epoch`` on every rank; ``force``: measure NC whatever the schedule (the last epoch reached)."""
         if epoch.accumulator is None and fit.shapes is not None:  # no batch measured here: take part with nothing
-            epoch.accumulator = self._accumulator(fit, _empty_features(pl_module, fit), statistics=epoch.plan.accumulates,
-                                                  lagged=True)
-        acc, saved = epoch.accumulator, self._saved
-        failure = epoch.failure or (None if acc is not None else "no training batch measured on this rank yet")
-        counts = acc.local_counts() if acc is not None else dict.fromkeys(COUNT_KEYS, 0)
-        statistics = acc.statistics if acc is not None and (epoch.plan.statistics or force) else None
-        local = LocalEpoch(counts, failure, statistics, pl_module.device)
+            epoch.accumulator = self._accumulator(fit, pl_module.device, statistics=epoch.plan.accumulates)
+        saved, exact = self._saved, self.config.mode == "exact"
 
-        def decide(agreed: Any) -> bool:
+        def decide(agreed: Agreement) -> bool:  # every rank, same counts: TPT, then whether NC is measured
             total = agreed.counts["total"]
-            if not epoch.partial and total > 0 and not force:
+            if not (epoch.partial or force) and total > 0:
                 saved.tpt.update(epoch.epoch, agreed.counts["errors"] / total)
-            if force:
-                return True
-            if exact:
-                return self.schedule.due(epoch.epoch, _limits(trainer), tpt_started=saved.tpt.started)
-            return epoch.plan.statistics
+            if force or not exact:
+                return force or epoch.plan.statistics
+            return self.schedule.due(epoch.epoch, _limits(trainer), tpt_started=saved.tpt.started)
 
         shapes = fit.shapes
         return finish_epoch(
-            self._group, local, decide=decide, exact=self._exact_run(trainer, pl_module, fit) if exact else None,
+            self._group,
+            epoch.local(pl_module.device, statistics=epoch.plan.statistics or force),
+            decide=decide,
+            exact=self._exact(trainer, pl_module, fit).run() if exact and shapes is not None else None,
             weights=lambda: fit.binding.parameters(shapes.num_classes, shapes.dim)[0] if shapes else None,
             global_mean=self.config.global_mean,
         )
 
-    def _exact_run(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> ExactRun:
+    def _exact(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> ExactMeasurement:
+        assert fit.shapes is not None and fit.labels is not None
+        shapes, labels = fit.shapes, fit.labels
+
         def new_pass() -> ExactPass:
-            assert fit.labels is not None
-            loader = fit.exact_loader
-            if loader is None:
-                loader = fit.exact_loader = exact_loader(trainer.train_dataloader, trainer.world_size,
-                                                         trainer.global_rank, self.config.exact_dataloader)
-            user = self.config.exact_dataloader is not None
-            limit = None if user else batch_limit(trainer.limit_train_batches, _length(loader))
-            return ExactPass(pl_module, loader, fit.binding.capture, fit.labels, self._input_getter,
-                             to_device=trainer.strategy.batch_to_device,
-                             context=trainer.precision_plugin.forward_context, max_batches=limit)
+            if fit.exact_loader is None:
+                fit.exact_loader = exact_loader(
+                    trainer.train_dataloader, trainer.world_size, trainer.global_rank, self.config.exact_dataloader
+                )
+            limit = (
+                None
+                if self.config.exact_dataloader is not None
+                else batch_limit(trainer.limit_train_batches, _length(fit.exact_loader))
+            )
+            return ExactPass(
+                pl_module,
+                fit.exact_loader,
+                fit.binding.capture,
+                labels,
+                self._input_getter,
+                to_device=trainer.strategy.batch_to_device,
+                context=trainer.precision_plugin.forward_context,
+                max_batches=limit,
+            )
 
-        def statistics() -> Any:
-            acc: Accumulator | None = None
-
-            def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
-                nonlocal acc
-                if acc is None:
-                    acc = self._accumulator(fit, features, statistics=True, lagged=False)
-                acc.update(features, logits, labels)
-
-            if fit.shapes is None:
-                raise RuntimeError("no training batch measured on this rank yet")
-            new_pass().run(consume)
-            if acc is None:  # an empty shard: take part with nothing
-                acc = self._accumulator(fit, _empty_features(pl_module, fit), statistics=True, lagged=False)
-            assert acc.statistics is not None
-            return acc.statistics, acc.local_counts()
-
-        def ncc(means: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-            metric = NCCMismatch(means, present).to(pl_module.device)
-            num_classes = fit.shapes.num_classes if fit.shapes else 0
-
-            def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
-                metric.update(features, logits, (labels >= 0) & (labels < num_classes))
-
-            new_pass().run(consume)
-            return metric.mismatches, metric.total
-
-        return ExactRun(statistics, ncc, pl_module)
+        return ExactMeasurement(
+            new_pass,
+            lambda features: self._accumulator(fit, features.device, statistics=True, lagged=False),
+            lambda: torch.zeros(0, shapes.dim, device=pl_module.device),
+            shapes.num_classes,
+            pl_module,
+        )
 
     def _commit(
-        self, trainer: Trainer, pl_module: LightningModule, fit: FitState, record: dict[str, float],
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        fit: FitState,
+        record: dict[str, float],
         outcome: EpochOutcome,
     ) -> None:
         saved, epoch = self._saved, int(record["epoch"])
-        started = saved.tpt.epoch == epoch and saved.record(epoch) is None
+        started = saved.tpt.epoch == epoch
         if started:
             record["tpt_epoch"] = epoch
         saved.commit(record)
         fit.last_finished = epoch
         if outcome.statistics is not None:
-            saved.reference = reference_of(outcome)
-            self.last_statistics = outcome.statistics
-            fit.last_measured = epoch
-            fit.exact_measured = fit.exact_measured or self.config.mode == "exact"
+            saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
+            fit.last_measured, fit.exact_measured = epoch, fit.exact_measured or self.config.mode == "exact"
         if started:
-            rank_zero_info(f"NeuralCollapseCallback: the Terminal Phase of Training begins at epoch {epoch} "
-                           f"(training error {record.get('train_error', 0.0):.4g} <= {saved.tpt.threshold}).")
+            rank_zero_info(
+                f"NeuralCollapseCallback: the Terminal Phase of Training begins at epoch {epoch} "
+                f"(training error {record.get('train_error', 0.0):.4g} <= {saved.tpt.threshold})."
+            )
             try:
                 self.on_tpt_start(trainer, pl_module, epoch)
             except Exception as err:  # a user's hook must not leave the other ranks waiting
-                warnings.warn(rank_prefixed_message(f"NeuralCollapseCallback: on_tpt_start raised {err!r}; TPT stays "
-                                                    "recorded and training goes on.", trainer.global_rank),
-                              RuntimeWarning, stacklevel=2)
+                self._warn_rank(
+                    f"NeuralCollapseCallback: on_tpt_start raised {err!r}; TPT stays recorded and training goes on."
+                )
         if fit.shapes is not None:
-            for key, message in epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix):
+            for key, message in say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix):
                 self._warn_once(key, message)
         self.reporter.scalars(trainer, record)
         self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]))
 
     def _measure_last_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """At the end of the fit: finish an epoch still open, and measure the last epoch reached if it was not."""
+        """At the end of the fit, measure the last epoch reached if the schedule did not (every rank)."""
         fit = self._fit
         assert fit is not None
-        if fit.open is not None:
-            self._finish(trainer, pl_module)
         last = self.history[-1] if self.history else None
         if last is None or int(last["epoch"]) != fit.last_finished or fit.last_measured == fit.last_finished:
             return
-        if not self._allowed(int(last["epoch"])):
+        epoch_index = int(last["epoch"])
+        allowed = self.config.measure == "always" or (self.tpt_epoch is not None and self.tpt_epoch <= epoch_index)
+        held = fit.held if fit.held is not None and fit.held.epoch == epoch_index else None
+        if not allowed or (self.config.mode == "online" and held is None):
             return
-        exact = self.config.mode == "exact"
-        held = fit.held if fit.held is not None and fit.held.epoch == int(last["epoch"]) else None
-        if not exact and held is None:
-            return
-        epoch = held or OpenEpoch(int(last["epoch"]), EpochPlan(statistics=False, standby=False))
-        outcome = self._run_finish(trainer, pl_module, fit, epoch, exact=exact, force=True)
+        epoch = held or OpenEpoch(epoch_index, EpochPlan(statistics=False, standby=False))
+        outcome = self._run_finish(trainer, pl_module, fit, epoch, force=True)
         if outcome.status != "measured":
-            self._warn_failure(outcome, epoch.epoch)
+            self._warn_failure(outcome, epoch_index)
             return
-        extra = build_record(outcome, epoch.epoch, int(last["step"]), exact=exact, partial=True)
+        extra = build_record(outcome, epoch_index, int(last["step"]), exact=self.config.mode == "exact", partial=True)
         new = {key: value for key, value in extra.items() if key not in last}
         last.update(new)
-        self._saved.reference = reference_of(outcome)
+        self._saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
         self.reporter.scalars(trainer, {"step": last["step"], **new})
         self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]))
 
-    def _allowed(self, epoch: int) -> bool:
-        return self.config.measure == "always" or (self.tpt_epoch is not None and self.tpt_epoch <= epoch)
-
-    def _exact_failure(self, outcome: EpochOutcome) -> str:
-        cause = outcome.failure or f"it failed on {outcome.failed_ranks} other rank(s); see their error"
-        return (f"NeuralCollapseCallback(mode='exact'): the {outcome.stage} of the first measured epoch failed: "
-                f"{cause}. Set `input_getter=` (batch -> model input: a tensor, a tuple of arguments or a dict of "
-                "keyword arguments) or `exact_dataloader=` (the data to measure), or use mode='online'.")
+    # ------------------------------------------------------------------ messages and clean-up
 
     def _warn_failure(self, outcome: EpochOutcome, epoch: int) -> None:
         if outcome.failure:  # this rank's own cause, on this rank
-            warnings.warn(rank_prefixed_message(f"NeuralCollapseCallback: epoch {epoch} not measured ("
-                                                f"{outcome.stage}): {outcome.failure}", self._group.rank),
-                          RuntimeWarning, stacklevel=2)
-        self._warn_once(f"failed-{outcome.stage}", f"NeuralCollapseCallback: epoch {epoch} is not measured: "
-                        f"{outcome.failed_ranks} rank(s) could not take part ({outcome.stage}); every rank skips it, "
-                        "and training goes on.")
+            self._warn_rank(f"NeuralCollapseCallback: epoch {epoch} not measured ({outcome.stage}): {outcome.failure}")
+        self._warn_once(f"failed-{outcome.stage}", say.skipped_epoch(epoch, outcome.stage, outcome.failed_ranks))
+
+    def _warn_rank(self, message: str) -> None:
+        warnings.warn(rank_prefixed_message(message, self._group.rank), RuntimeWarning, stacklevel=3)
 
     def _warn_once(self, key: str, message: str) -> None:
         fit = self._fit
@@ -555,8 +554,7 @@ def _instances(trainer: Trainer) -> list[NeuralCollapseCallback]:
 
 
 def _limits(trainer: Trainer) -> Limits:
-    callbacks = trainer.callbacks  # type: ignore[attr-defined]
-    stoppers = any(isinstance(cb, (EarlyStopping, Timer)) for cb in callbacks)
+    stoppers = any(isinstance(cb, (EarlyStopping, Timer)) for cb in trainer.callbacks)  # type: ignore[attr-defined]
     max_steps = trainer.max_steps
     return Limits(trainer.max_epochs, open_ended=stoppers or (max_steps is not None and max_steps >= 0))
 
@@ -574,13 +572,6 @@ def _length(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
-
-
-def _empty_features(pl_module: LightningModule, fit: FitState) -> Tensor:
-    import torch
-
-    dim = fit.shapes.dim if fit.shapes is not None else 1
-    return torch.zeros(0, dim, device=pl_module.device)
 
 
 def _pads_samples(loader: DataLoader) -> bool:

@@ -108,9 +108,7 @@ def exact_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def resumed_run(tmp_path_factory: pytest.TempPathFactory, exact_run: Run) -> Run:
     out = tmp_path_factory.mktemp("resumed")
     ckpt = exact_run.outdir / "ckpt" / "epoch=1.ckpt"
-    return launch(
-        out, "--mode", "exact", "--epochs", "4", "--resume", str(ckpt), "--checkpoint-dir", str(out / "c")
-    )
+    return launch(out, "--mode", "exact", "--epochs", "4", "--resume", str(ckpt), "--checkpoint-dir", str(out / "c"))
 
 
 @pytest.fixture(scope="module")

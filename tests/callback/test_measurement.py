@@ -48,8 +48,9 @@ class BruteForce(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step_errors.append([0, 0])
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         assert self._logits is not None
         self.step_errors[-1][0] += int((self._logits.argmax(dim=1) != batch[1]).sum())
         self.step_errors[-1][1] += len(batch[1])
@@ -66,7 +67,9 @@ class BruteForce(Callback):
             logits = model.fc(model.body(self.features))
         model.train(was_training)
         ref = reference_metrics(
-            h.numpy(), self.labels.numpy(), model.fc.weight.detach().double().numpy(),
+            h.numpy(),
+            self.labels.numpy(),
+            model.fc.weight.detach().double().numpy(),
             model.fc.bias.detach().double().numpy(),
         )
         ref["train_error_eval"] = float((logits.argmax(dim=1) != self.labels).double().mean())
@@ -82,8 +85,9 @@ def _scalars(log_dir: str) -> EventAccumulator:
     return acc
 
 
-def _fit(callbacks: list[Callback], *, epochs: int, loader: DataLoader, seed: int = 0, **trainer_kw: Any
-         ) -> tuple[ToyClassifier, L.Trainer]:
+def _fit(
+    callbacks: list[Callback], *, epochs: int, loader: DataLoader, seed: int = 0, **trainer_kw: Any
+) -> tuple[ToyClassifier, L.Trainer]:
     L.seed_everything(seed, verbose=False)
     model = ToyClassifier()
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, **{**QUIET, **trainer_kw})
@@ -155,8 +159,9 @@ def test_online_mode_with_frozen_weights_equals_exact_statistics(tmp_path: Path)
     model.eval()
     with torch.no_grad():
         h = model.body(features).double()
-    ref = reference_metrics(h.numpy(), labels.numpy(), model.fc.weight.detach().double().numpy(),
-                            model.fc.bias.detach().double().numpy())
+    ref = reference_metrics(
+        h.numpy(), labels.numpy(), model.fc.weight.detach().double().numpy(), model.fc.bias.detach().double().numpy()
+    )
     got = {NC4_KEY if k == LAGGED_NC4_KEY else k: v for k, v in nc.history[-1].items()}  # lr=0: the means stay
     for key in ALL_KEYS:
         assert got[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
@@ -267,8 +272,7 @@ def test_lightning_cli_config_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
         "        classifier: fc\n"
         "        label_getter: toy.second_item\n"
     )
-    cli = LightningCLI(ToyClassifier, ToyData, run=False, args=["--config", str(config)],
-                       save_config_callback=None)
+    cli = LightningCLI(ToyClassifier, ToyData, run=False, args=["--config", str(config)], save_config_callback=None)
     callbacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuralCollapseCallback)]
     assert len(callbacks) == 1
     nc = callbacks[0]
@@ -276,8 +280,12 @@ def test_lightning_cli_config_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert nc.config.label_getter is not None and nc.config.label_getter((0, 7)) == 7
 
     with pytest.raises(SystemExit):
-        LightningCLI(ToyClassifier, ToyData, run=False,
-                     args=["--trainer.callbacks.help", "lightning_neural_collapse.NeuralCollapseCallback"])
+        LightningCLI(
+            ToyClassifier,
+            ToyData,
+            run=False,
+            args=["--trainer.callbacks.help", "lightning_neural_collapse.NeuralCollapseCallback"],
+        )
     help_text = capsys.readouterr().out
     assert "every_n_epochs" in help_text and "tpt_threshold" in help_text
     assert "measure NC every this many epochs" in " ".join(help_text.split())

@@ -199,9 +199,7 @@ def count(record: Any, pattern: str) -> int:
 
 def our_warnings(record: Any) -> list[str]:
     return [
-        str(w.message)
-        for w in record
-        if re.match(r"NeuralCollapseCallback|lightning_neural_collapse", str(w.message))
+        str(w.message) for w in record if re.match(r"NeuralCollapseCallback|lightning_neural_collapse", str(w.message))
     ]
 
 
@@ -314,13 +312,9 @@ def _soft(y: Tensor, num_classes: int = 4) -> Tensor:
             r"one-hot or class probabilities.*label_getter=",
             id="float-not-probabilities",
         ),
-        pytest.param(
-            lambda y: _soft(y) + _soft((y + 1) % 4), {}, r"multi-label.*label_getter=", id="multi-label"
-        ),
+        pytest.param(lambda y: _soft(y) + _soft((y + 1) % 4), {}, r"multi-label.*label_getter=", id="multi-label"),
         pytest.param(lambda y: y.float(), {}, r"float labels of shape \(16,\).*label_getter=", id="float-1d"),
-        pytest.param(
-            lambda y: _soft(y, 5), {}, r"5 columns but the classifier has 4 classes", id="soft-5-columns"
-        ),
+        pytest.param(lambda y: _soft(y, 5), {}, r"5 columns but the classifier has 4 classes", id="soft-5-columns"),
         pytest.param(lambda y: y[:, None], {}, r"shape \(batch,\).*label_getter=", id="column-labels"),
     ],
 )
@@ -382,24 +376,18 @@ def test_ignore_index_drops_samples_and_gives_the_numbers_without_them() -> None
 def test_num_classes_smaller_than_the_labels() -> None:
     x, y = data(32)
     # declared below the classifier's outputs: refused at fit start
-    with pytest.raises(
-        MisconfigurationException, match=r"`num_classes=3` but the classifier `head` has 4 outputs"
-    ):
+    with pytest.raises(MisconfigurationException, match=r"`num_classes=3` but the classifier `head` has 4 outputs"):
         fit([NeuralCollapseCallback(num_classes=3)], Net(), loader(x, y), epochs=1)
     # a head without `out_features` and a label above `num_classes`: refused in the first batch
     model = Net(head=CosineHead(16, 3))
     before = weights(model)
-    trainer = L.Trainer(
-        max_epochs=1, callbacks=[NeuralCollapseCallback(classifier="head", num_classes=3)], **QUIET
-    )
+    trainer = L.Trainer(max_epochs=1, callbacks=[NeuralCollapseCallback(classifier="head", num_classes=3)], **QUIET)
     with pytest.raises(BatchFormatError, match=r"label 3 is out of range for 3 classes; set `num_classes=`"):
         trainer.fit(model, loader(x, y))
     assert_untouched(model, before, trainer)
     # no `num_classes` and no `out_features`: the classes come from the first logits, checked before backward
     trainer = L.Trainer(max_epochs=1, callbacks=[NeuralCollapseCallback(classifier="head")], **QUIET)
-    with pytest.raises(
-        BatchFormatError, match=r"3 classes from the outputs of `head`\): label 3 is out of range"
-    ):
+    with pytest.raises(BatchFormatError, match=r"3 classes from the outputs of `head`\): label 3 is out of range"):
         trainer.fit(model, loader(x, y))
     assert_untouched(model, before, trainer)
     # the label appears only later (a 3-class model): warned, skipped, counted; never a wrong class count
@@ -486,9 +474,7 @@ class CosineHead(nn.Module):
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.weight = nn.Parameter(
-            0.5 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0))
-        )
+        self.weight = nn.Parameter(0.5 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0)))
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, h: Tensor) -> Tensor:
@@ -543,9 +529,7 @@ def test_custom_head_needs_classifier_and_features() -> None:
     model = Net(head=CosineHead(16, 4), lr=0.0)
     before = weights(model)
     trainer = L.Trainer(max_epochs=1, callbacks=[NeuralCollapseCallback()], **QUIET)
-    with pytest.raises(
-        MisconfigurationException, match=r"found `body.2`.*Set `classifier='head'`.*`features=`"
-    ):
+    with pytest.raises(MisconfigurationException, match=r"found `body.2`.*Set `classifier='head'`.*`features=`"):
         trainer.fit(model, loader(x, y))
     assert_untouched(model, before, trainer)
 
@@ -553,13 +537,9 @@ def test_custom_head_needs_classifier_and_features() -> None:
     with recorded() as record:
         fit([nc], model, loader(x, y), epochs=2)
     assert not our_warnings(record)
-    assert_matches(
-        nc.history[-1], brute_force(model, x, y, features=lambda v: model.head.norm(model.body(v)))
-    )
+    assert_matches(nc.history[-1], brute_force(model, x, y, features=lambda v: model.head.norm(model.body(v))))
     # an explicit classifier is trusted: no first-step check, and a wrong one gives a clear error
-    with pytest.raises(
-        MisconfigurationException, match=r"`num_classes=4` but the classifier `body.2` has 16 outputs"
-    ):
+    with pytest.raises(MisconfigurationException, match=r"`num_classes=4` but the classifier `body.2` has 16 outputs"):
         fit([NeuralCollapseCallback(classifier="body.2", num_classes=4)], Net(), loader(x, y), epochs=1)
 
 
@@ -617,9 +597,7 @@ def test_an_auxiliary_head_after_the_classifier_is_told_apart() -> None:
 def test_two_heads_without_softmax_make_the_fallback_ambiguous_and_say_so() -> None:
     x, y = data(32)
     nc = NeuralCollapseCallback()
-    with pytest.warns(
-        RuntimeWarning, match=r"took `aux` as the classifier.*`head` also feed\(s\) the loss"
-    ) as rec:
+    with pytest.warns(RuntimeWarning, match=r"took `aux` as the classifier.*`head` also feed\(s\) the loss") as rec:
         fit([nc], TwoHeadsMSE(), loader(x, y), epochs=2)
     assert count(rec, "also feed") == 1
     with recorded() as record:  # explicit: trusted, no warning; a loss term on the features is no other head
@@ -723,9 +701,7 @@ def test_batch_format_change_mid_run_skips_the_epoch_without_stopping() -> None:
             return batch[1]
 
     nc = NeuralCollapseCallback(label_getter=Flaky())
-    with pytest.warns(
-        RuntimeWarning, match=r"batch of epoch 1 could not be measured \(KeyError.*`label_getter=`"
-    ):
+    with pytest.warns(RuntimeWarning, match=r"batch of epoch 1 could not be measured \(KeyError.*`label_getter=`"):
         trainer = fit([nc], Net(), loader(x, y), epochs=3)
     assert [r["epoch"] for r in nc.history] == [0, 2]  # epoch 1: nothing rather than a partial number
     assert trainer.current_epoch == 3
@@ -834,9 +810,7 @@ def test_torch_compile(backend: str) -> None:
     assert not model.head._forward_hooks
 
 
-@pytest.mark.skipif(
-    not os.environ.get("LNC_SLOW"), reason="inductor compiles for ~30 s on a small CPU; LNC_SLOW=1"
-)
+@pytest.mark.skipif(not os.environ.get("LNC_SLOW"), reason="inductor compiles for ~30 s on a small CPU; LNC_SLOW=1")
 def test_torch_compile_inductor() -> None:
     test_torch_compile("inductor")
 
@@ -984,9 +958,7 @@ def test_two_instances_with_one_prefix_are_refused() -> None:
         fit(callbacks, model, loader(x, y), epochs=1)
     assert all(not m._forward_hooks for m in model.modules())
     # identical settings are refused by Lightning itself, when the Trainer is built (same checkpoint key)
-    with pytest.raises(
-        RuntimeError, match=r"more than one stateful callback of type `NeuralCollapseCallback`"
-    ):
+    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `NeuralCollapseCallback`"):
         L.Trainer(callbacks=[NeuralCollapseCallback(), NeuralCollapseCallback()], **QUIET)
 
 

@@ -30,8 +30,7 @@ def test_shortened_demo_reaches_tpt_and_logs_scalars_and_histograms(tmp_path: Pa
     threads = torch.get_num_threads()
     try:
         summary = _load_demo().main(
-            ["--epochs", "60", "--lr", "0.05", "--weight-decay", "1e-2", "--no-progress-bar",
-             "--logdir", str(tmp_path)]
+            ["--epochs", "60", "--lr", "0.05", "--weight-decay", "1e-2", "--no-progress-bar", "--logdir", str(tmp_path)]
         )
     finally:
         torch.set_num_threads(threads)
@@ -50,8 +49,16 @@ def test_shortened_demo_reaches_tpt_and_logs_scalars_and_histograms(tmp_path: Pa
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    for key in ("nc1", "nc2_equinorm_means", "nc2_equiangular_means", "nc2_maxangle_means",
-                "nc3_self_duality", "nc4_ncc_mismatch", "train_error", "tpt_epoch"):
+    for key in (
+        "nc1",
+        "nc2_equinorm_means",
+        "nc2_equiangular_means",
+        "nc2_maxangle_means",
+        "nc3_self_duality",
+        "nc4_ncc_mismatch",
+        "train_error",
+        "tpt_epoch",
+    ):
         assert f"nc/{key}" in scalars, key
     assert {"nc/hist/cosines_means", "nc/hist/cosines_weights"} <= set(acc.Tags()["histograms"])
     train_error = [e.value for e in acc.Scalars("nc/train_error")]

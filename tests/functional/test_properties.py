@@ -30,9 +30,7 @@ def problems(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return features, labels, weight, bias
 
 
-def metrics(
-    features: np.ndarray, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray
-) -> dict[str, float]:
+def metrics(features: np.ndarray, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> dict[str, float]:
     return neural_collapse_metrics(
         torch.tensor(features), torch.tensor(labels), torch.tensor(weight), torch.tensor(bias)
     )

@@ -199,9 +199,7 @@ def test_set_shift_rules() -> None:
     metric = NeuralCollapse(3, 2)
     with pytest.raises(ValueError):
         metric.set_shift(torch.zeros(2, 2))
-    metric.set_shift(
-        torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [5.0, 5.0]]), torch.tensor([True, True, False])
-    )
+    metric.set_shift(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [5.0, 5.0]]), torch.tensor([True, True, False]))
     assert metric.shift.tolist() == [[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]  # non-finite and absent rows: zero
     metric.update(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))
     with pytest.raises(RuntimeError):

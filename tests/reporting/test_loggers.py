@@ -21,11 +21,11 @@ from lightning_neural_collapse.reporting import (
     dashboard_layout,
     histogram_kind,
     log_dashboard,
-    run_dir,
     log_figure,
     log_histograms,
     log_scalars,
     plot_history,
+    run_dir,
     save_figure,
 )
 from lightning_neural_collapse.reporting._common import reset_warnings
@@ -196,8 +196,16 @@ def test_broken_tensorboard_writer_falls_back_to_quantiles() -> None:
 def test_dashboard_layout_written(tmp_path: Path) -> None:
     layout = dashboard_layout("nc")
     (charts,) = layout.values()
-    assert {"NC1", "NC2 equinorm", "NC2 equiangularity", "NC2 max-angle", "NC2 ETF distance", "NC3", "NC4",
-            "Training error"} <= set(charts)
+    assert {
+        "NC1",
+        "NC2 equinorm",
+        "NC2 equiangularity",
+        "NC2 max-angle",
+        "NC2 ETF distance",
+        "NC3",
+        "NC4",
+        "Training error",
+    } <= set(charts)
     assert charts["NC2 equinorm"] == ["Multiline", ["^nc/nc2_equinorm_means$", "^nc/nc2_equinorm_weights$"]]
     assert charts["Training error"][1] == ["^nc/train_error$", "^nc/train_error_eval$"]
     assert len(dashboard_layout(["nc", "nc_val"])) == 2

@@ -66,8 +66,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_neural_collapse import NeuralCollapse, NeuralCollapseCallback
 from lightning_neural_collapse.functional import NC4_KEY, class_statistics, ncc_mismatch, neural_collapse_metrics
-from lightning_neural_collapse.pipeline.run_state import LAGGED_NC4_KEY
 from lightning_neural_collapse.pipeline.exact import exact_loader
+from lightning_neural_collapse.pipeline.run_state import LAGGED_NC4_KEY
 
 EXACT_PREFIX = "nc"
 ONLINE_PREFIX = "nco"
@@ -294,9 +294,7 @@ class Recorder(Callback):
             gathered = [{"record": mine, "fed": net.fed}]
         if rank == 0:
             mine["reference"] = reference(net)
-            mine["seen_reference"] = {
-                str(e): seen_reference(net, [g["fed"] for g in gathered], e) for e in epochs
-            }
+            mine["seen_reference"] = {str(e): seen_reference(net, [g["fed"] for g in gathered], e) for e in epochs}
         args.outdir.mkdir(parents=True, exist_ok=True)
         (args.outdir / f"rank{rank}.json").write_text(json.dumps(mine, indent=1, sort_keys=True))
         if rank == 0:

@@ -63,9 +63,7 @@ def shard_indices(labels: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(first).flatten(), torch.nonzero(~first).flatten()]
 
 
-def measure(
-    features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> dict[str, Any]:
+def measure(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, Any]:
     """Every metric on these samples; synced over the process group when there is one."""
     # imported here, not at the top: the parent process only spawns, and the import (Lightning) is slow
     from lightning_neural_collapse import ClassificationError, NCCMismatch, NeuralCollapse

@@ -137,7 +137,5 @@ def neural_collapse_metrics(
 
 def _check_weight(weight: Tensor, means_shape: torch.Size) -> Tensor:
     if weight.ndim != 2 or tuple(weight.shape) != tuple(means_shape):
-        raise ValueError(
-            f"weight must have shape (num_classes, dim) = {tuple(means_shape)}, got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must have shape (num_classes, dim) = {tuple(means_shape)}, got {tuple(weight.shape)}")
     return weight

@@ -65,8 +65,10 @@ def class_statistics(features: Tensor, labels: Tensor, num_classes: int | None =
     if num_classes is None:
         num_classes = int(labels.max().item()) + 1 if labels.numel() else 0
     if labels.numel() and (int(labels.min().item()) < 0 or int(labels.max().item()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min().item())}, {int(labels.max().item())}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in "
+            f"[{int(labels.min().item())}, {int(labels.max().item())}]"
+        )
     h = features.to(torch.float64)
     dim = h.shape[1]
     counts = torch.zeros(num_classes, dtype=torch.float64, device=h.device)

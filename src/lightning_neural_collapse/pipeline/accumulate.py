@@ -82,8 +82,13 @@ class Accumulator:
         """Batches added (a host-side counter)."""
         if statistics:
             self.statistics = new_statistics(
-                num_classes, dim, device, reference, global_mean=global_mean,
-                accumulate_dtype=accumulate_dtype, sum_dtype=sum_dtype,
+                num_classes,
+                dim,
+                device,
+                reference,
+                global_mean=global_mean,
+                accumulate_dtype=accumulate_dtype,
+                sum_dtype=sum_dtype,
             )
             if lagged_ncc and reference is not None and reference.fits(num_classes, dim):
                 self.ncc = NCCMismatch(reference.means.to(device), reference.present.to(device)).to(device)
@@ -132,8 +137,12 @@ def new_statistics(
     """A fresh :class:`~lightning_neural_collapse.NeuralCollapse` on ``device``, shifted by ``reference``
     when it has the right shape. Labels are class indices already (``ignore_index=-1``)."""
     stats = NeuralCollapse(
-        num_classes, dim, global_mean=global_mean, ignore_index=-1,
-        accumulate_dtype=accumulate_dtype, sum_dtype=sum_dtype,
+        num_classes,
+        dim,
+        global_mean=global_mean,
+        ignore_index=-1,
+        accumulate_dtype=accumulate_dtype,
+        sum_dtype=sum_dtype,
     ).to(device)
     if reference is not None and reference.fits(num_classes, dim):
         stats.set_shift(reference.means.to(device), reference.present.to(device))

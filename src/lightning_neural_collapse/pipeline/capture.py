@@ -285,4 +285,3 @@ def _full(tensor: Tensor | None) -> Tensor | None:
         return None
     full_tensor = getattr(tensor, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else tensor
-

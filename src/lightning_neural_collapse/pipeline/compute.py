@@ -177,8 +177,9 @@ def finish_epoch(
     """
     steps = agree(group, local.failure, local.counts, local.device)
     if steps.failed:
-        return EpochOutcome("skipped", steps.counts, stage="training steps", failure=local.failure,
-                            failed_ranks=steps.failed_ranks)
+        return EpochOutcome(
+            "skipped", steps.counts, stage="training steps", failure=local.failure, failed_ranks=steps.failed_ranks
+        )
     if not decide(steps):
         return EpochOutcome("counted", steps.counts)
     if exact is None:
@@ -189,15 +190,17 @@ def finish_epoch(
         failure, metric, pass_counts = _attempt(exact.statistics)
         first = agree(group, failure, pass_counts or _EMPTY_PASS, local.device)
         if first.failed:
-            return EpochOutcome("skipped", steps.counts, stage="exact pass", failure=failure,
-                                failed_ranks=first.failed_ranks)
+            return EpochOutcome(
+                "skipped", steps.counts, stage="exact pass", failure=failure, failed_ranks=first.failed_ranks
+            )
         assert metric is not None
         stats = metric.statistics()
         failure, ncc_counts = _attempt_ncc(exact.ncc, stats)
         second = agree(group, failure, ncc_counts, local.device)
         if second.failed:
-            return EpochOutcome("skipped", steps.counts, stage="exact NC4 pass", failure=failure,
-                                failed_ranks=second.failed_ranks)
+            return EpochOutcome(
+                "skipped", steps.counts, stage="exact NC4 pass", failure=failure, failed_ranks=second.failed_ranks
+            )
     exact_counts = {**first.counts, **second.counts}
     return _outcome(group, steps.counts, exact_counts, stats, weights, global_mean)
 

@@ -21,37 +21,126 @@ def epoch_warnings(outcome: EpochOutcome, epoch: int, num_classes: int, prefix: 
     nonfinite = outcome.counts.get("nonfinite", 0) + outcome.exact_counts.get("nonfinite", 0)
     bad_label = outcome.counts.get("bad_label", 0) + outcome.exact_counts.get("bad_label", 0)
     if nonfinite:
-        found.append((
-            "nonfinite",
-            f"NeuralCollapseCallback: {nonfinite} samples of epoch {epoch} had NaN/Inf features or logits and were "
-            f"left out of every metric (the count is logged as `{prefix}/skipped_samples` each epoch). The model "
-            "produced them; if the captured layer is not the one meant, set `features=` or `classifier=`.",
-        ))
+        found.append(
+            (
+                "nonfinite",
+                f"NeuralCollapseCallback: {nonfinite} samples of epoch {epoch} had NaN/Inf features or logits and were "
+                f"left out of every metric (the count is logged as `{prefix}/skipped_samples` each epoch). The model "
+                "produced them; if the captured layer is not the one meant, set `features=` or `classifier=`.",
+            )
+        )
     if bad_label:
-        found.append((
-            "bad-label",
-            f"NeuralCollapseCallback: {bad_label} samples of epoch {epoch} had invalid labels (outside "
-            f"[0, {num_classes}), negative but not `ignore_index`, or float targets that are not one-hot or "
-            f"probabilities) and were left out of every metric (counted in `{prefix}/skipped_samples`). Set "
-            "`num_classes=` (and `classifier=`), `ignore_index=` or `label_getter=`.",
-        ))
+        found.append(
+            (
+                "bad-label",
+                f"NeuralCollapseCallback: {bad_label} samples of epoch {epoch} had invalid labels (outside "
+                f"[0, {num_classes}), negative but not `ignore_index`, or float targets that are not one-hot or "
+                f"probabilities) and were left out of every metric (counted in `{prefix}/skipped_samples`). Set "
+                "`num_classes=` (and `classifier=`), `ignore_index=` or `label_getter=`.",
+            )
+        )
     stats = outcome.statistics
     if stats is None:
         return found
     present = stats.present.tolist()
     absent = [c for c, here in enumerate(present) if not here]
     if sum(present) == 1:
-        found.append((
-            "one-class",
-            f"NeuralCollapseCallback: only class {present.index(True)} has samples in epoch {epoch}; NC1, NC2 of "
-            "the means and NC3 need two classes and are not logged. Check the data or `label_getter=`.",
-        ))
+        found.append(
+            (
+                "one-class",
+                f"NeuralCollapseCallback: only class {present.index(True)} has samples in epoch {epoch}; NC1, NC2 of "
+                "the means and NC3 need two classes and are not logged. Check the data or `label_getter=`.",
+            )
+        )
     elif absent:
         shown = f"{absent[:10]}{'...' if len(absent) > 10 else ''}"
-        found.append((
-            "absent",
-            f"NeuralCollapseCallback: class(es) {shown} had no sample in epoch {epoch} and are left out of every "
-            f"metric (C = {sum(present)} present classes). Expected on a subset of the data; otherwise check the "
-            "labels (`label_getter=`).",
-        ))
+        found.append(
+            (
+                "absent",
+                f"NeuralCollapseCallback: class(es) {shown} had no sample in epoch {epoch} and are left out of every "
+                f"metric (C = {sum(present)} present classes). Expected on a subset of the data; otherwise check the "
+                "labels (`label_getter=`).",
+            )
+        )
     return found
+
+
+# ------------------------------------------------------------------------------- the callback's other messages
+
+
+def no_forward(classifier: str) -> str:
+    """A training step in which the classifier did not run."""
+    return (
+        f"NeuralCollapseCallback: the classifier `{classifier}` did not run in a training step; that batch is not "
+        "measured. Set `classifier=` to the layer the training step uses."
+    )
+
+
+def several_forwards(classifier: str, calls: int) -> str:
+    """A training step that ran the classifier more than once (SAM, FixMatch, several views)."""
+    return (
+        f"NeuralCollapseCallback: the classifier `{classifier}` ran {calls} times in one training step (SAM, "
+        "FixMatch, several views?); each step's last forward is measured, and its samples must pair with the "
+        "labels (`label_getter=`)."
+    )
+
+
+def batch_size_mismatch(labels: int, features: int) -> str:
+    """Labels that do not pair with the captured features."""
+    return (
+        f"NeuralCollapseCallback: {labels} labels for {features} features in a batch (mixup, several views, several "
+        "forwards?); such batches are skipped. Use `label_getter=`."
+    )
+
+
+def batch_error(epoch: int, cause: str) -> str:
+    """A training batch that could not be measured after the first step."""
+    return (
+        f"NeuralCollapseCallback: a training batch of epoch {epoch} could not be measured ({cause}); nothing is "
+        "logged for such an epoch. If the batch format changes during training, pass `label_getter=` (and "
+        "`input_getter=` for mode='exact')."
+    )
+
+
+def no_weight(classifier: str, num_classes: int, dim: int) -> str:
+    """A classifier without a ``C x D`` weight."""
+    return (
+        f"NeuralCollapseCallback: `{classifier}` has no ({num_classes} x {dim}) weight; NC2 of the weights and NC3 are "
+        "not measured."
+    )
+
+
+def partial_epoch(epoch: int) -> str:
+    """Online mode, an epoch resumed from a mid-epoch checkpoint."""
+    return (
+        f"NeuralCollapseCallback: epoch {epoch} resumed from a mid-epoch checkpoint; its first batches were "
+        "measured before it and their sums are lost, so that epoch is not logged (and TPT is not decided on it). "
+        "Measuring goes on with the next epoch; mode='exact' measures resumed epochs in full."
+    )
+
+
+def skipped_epoch(epoch: int, stage: str, failed_ranks: int) -> str:
+    """Every rank skips an epoch because some rank could not take part."""
+    return (
+        f"NeuralCollapseCallback: epoch {epoch} is not measured: {failed_ranks} rank(s) could not take part "
+        f"({stage}); every rank skips it, and training goes on."
+    )
+
+
+def exact_failure(stage: str, cause: str | None, failed_ranks: int) -> str:
+    """The exact pass failed at the first measured epoch: a configuration problem."""
+    reason = cause or f"it failed on {failed_ranks} other rank(s); see their error"
+    return (
+        f"NeuralCollapseCallback(mode='exact'): the {stage} of the first measured epoch failed: {reason}. Set "
+        "`input_getter=` (batch -> model input: a tensor, a tuple of arguments or a dict of keyword arguments) or "
+        "`exact_dataloader=` (the data to measure), or use mode='online'."
+    )
+
+
+def padded_sampler(samples: int, world_size: int) -> str:
+    """Online mode under a DistributedSampler that repeats samples."""
+    return (
+        f"NeuralCollapseCallback(mode='online'): the DistributedSampler pads {samples} samples to a multiple of "
+        f"{world_size} ranks, so each epoch counts up to {world_size - 1} samples twice. Use mode='exact' to count "
+        "every sample exactly once."
+    )

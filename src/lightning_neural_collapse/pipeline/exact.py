@@ -20,7 +20,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
+from lightning_neural_collapse.metrics import NCCMismatch, NeuralCollapse
+from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.capture import FeatureCapture
+from lightning_neural_collapse.pipeline.compute import ExactRun
 from lightning_neural_collapse.pipeline.labels import LabelReader, call_model
 
 Consumer = Callable[[Tensor, Tensor, Tensor], None]
@@ -30,9 +33,7 @@ class ExactLoaderError(ValueError):
     """A loader the exact pass cannot use; the message names the option to change."""
 
 
-def exact_loader(
-    train_loader: Any, world_size: int = 1, rank: int = 0, user_loader: Any = None
-) -> DataLoader:
+def exact_loader(train_loader: Any, world_size: int = 1, rank: int = 0, user_loader: Any = None) -> DataLoader:
     """The loader of the exact pass.
 
     Args:
@@ -181,6 +182,64 @@ class ExactPass:
                 batches += 1
         self.capture.clear()
         return batches
+
+
+class ExactMeasurement:
+    """Exact mode's local work for :func:`~lightning_neural_collapse.pipeline.compute.finish_epoch`: pass 1 (the
+    per-class statistics, the eval-mode error) and pass 2 (NC4 against the reduced means), over this rank's shard.
+
+    Args:
+        new_pass: returns a fresh :class:`ExactPass` (the loader is built once, by the caller).
+        new_accumulator: ``features -> Accumulator`` with statistics (shifted by the previous measurement), for
+            the features' device.
+        empty_features: a ``(0, D)`` tensor on the model's device, for a rank whose shard is empty.
+        num_classes: ``C``.
+        model: what the ranks align before the passes (see ``RankGroup.aligned``).
+    """
+
+    def __init__(
+        self,
+        new_pass: Callable[[], ExactPass],
+        new_accumulator: Callable[[Tensor], Accumulator],
+        empty_features: Callable[[], Tensor],
+        num_classes: int,
+        model: nn.Module,
+    ) -> None:
+        self.new_pass = new_pass
+        self.new_accumulator = new_accumulator
+        self.empty_features = empty_features
+        self.num_classes = num_classes
+        self.model = model
+
+    def run(self) -> ExactRun:
+        """The two passes as :class:`~lightning_neural_collapse.pipeline.compute.ExactRun` callables."""
+        return ExactRun(self.statistics, self.ncc, self.model)
+
+    def statistics(self) -> tuple[NeuralCollapse, dict[str, Tensor | int]]:
+        """Pass 1: the statistics metric and the pass's counts (errors, samples, skipped)."""
+        acc: Accumulator | None = None
+
+        def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
+            nonlocal acc
+            if acc is None:
+                acc = self.new_accumulator(features)
+            acc.update(features, logits, labels)
+
+        self.new_pass().run(consume)
+        if acc is None:  # an empty shard: take part with nothing
+            acc = self.new_accumulator(self.empty_features())
+        assert acc.statistics is not None
+        return acc.statistics, dict(acc.local_counts())
+
+    def ncc(self, means: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Pass 2: ``(mismatches, samples)`` of NC4 against ``means``."""
+        metric = NCCMismatch(means, present).to(means.device)
+
+        def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
+            metric.update(features, logits, (labels >= 0) & (labels < self.num_classes))
+
+        self.new_pass().run(consume)
+        return metric.mismatches, metric.total
 
 
 @contextmanager

@@ -126,7 +126,13 @@ class FinalLayerProbe:
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         name = self._names.get(id(module))
-        if name in self._linears and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+        if (
+            name is not None
+            and name in self._linears
+            and args
+            and isinstance(args[0], Tensor)
+            and isinstance(output, Tensor)
+        ):
             self.linear_io[name] = (args[0].detach(), output.detach())
         if module is self._classifier:
             node = output.grad_fn if isinstance(output, Tensor) else None

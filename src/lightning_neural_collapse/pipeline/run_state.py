@@ -19,12 +19,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import NC4_KEY
-from lightning_neural_collapse.pipeline.accumulate import Accumulator, Reference
+from lightning_neural_collapse.pipeline.accumulate import COUNT_KEYS, Accumulator, Reference
 from lightning_neural_collapse.pipeline.capture import Binding
-from lightning_neural_collapse.pipeline.compute import EpochOutcome
+from lightning_neural_collapse.pipeline.compute import EpochOutcome, LocalEpoch
 from lightning_neural_collapse.pipeline.first_step import FirstStep, Shapes
 from lightning_neural_collapse.pipeline.labels import LabelReader
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
@@ -131,6 +132,15 @@ class OpenEpoch:
     failure: str | None = None
     step: int | None = None
 
+    def local(self, device: torch.device, *, statistics: bool) -> LocalEpoch:
+        """What this rank brings to :func:`~lightning_neural_collapse.pipeline.compute.finish_epoch`: its counts
+        (zeros without an accumulator, which is then this rank's failure), and its statistics if asked for."""
+        acc = self.accumulator
+        failure = self.failure or (None if acc is not None else "no training batch measured on this rank yet")
+        counts: dict[str, Any] = dict(acc.local_counts()) if acc is not None else dict.fromkeys(COUNT_KEYS, 0)
+        stats = acc.statistics if acc is not None and statistics else None
+        return LocalEpoch(counts, failure, stats, device)
+
 
 @dataclass
 class FitState:
@@ -162,9 +172,7 @@ class FitState:
     warned: set[str] = field(default_factory=set)
 
 
-def build_record(
-    outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, partial: bool
-) -> dict[str, float]:
+def build_record(outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, partial: bool) -> dict[str, float]:
     """An epoch's history record from its :class:`~lightning_neural_collapse.pipeline.compute.EpochOutcome`.
 
     Keys: ``epoch``, ``step`` (the logging step of the epoch's end), ``train_error`` (the training steps'

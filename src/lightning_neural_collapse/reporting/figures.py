@@ -53,8 +53,14 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return xs, ys
 
 
-def _panel(ax: Axes, history: Sequence[Mapping[str, Any]], title: str, ylabel: str,
-           lines: tuple[tuple[str, str, str], ...], tpt_epoch: int | None) -> None:
+def _panel(
+    ax: Axes,
+    history: Sequence[Mapping[str, Any]],
+    title: str,
+    ylabel: str,
+    lines: tuple[tuple[str, str, str], ...],
+    tpt_epoch: int | None,
+) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plotted: list[float] = []
@@ -71,8 +77,9 @@ def _panel(ax: Axes, history: Sequence[Mapping[str, Any]], title: str, ylabel: s
         ax.legend(fontsize=8, frameon=False)
     if tpt_epoch is not None:
         ax.axvline(tpt_epoch, color="0.35", linestyle="--", linewidth=1.0)
-        ax.text(tpt_epoch, 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top",
-                fontsize=8, color="0.35")
+        ax.text(
+            tpt_epoch, 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8, color="0.35"
+        )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch", fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
@@ -81,9 +88,7 @@ def _panel(ax: Axes, history: Sequence[Mapping[str, Any]], title: str, ylabel: s
     ax.grid(True, which="major", alpha=0.3)
 
 
-def plot_history(
-    history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str | None = None
-) -> Figure:
+def plot_history(history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str | None = None) -> Figure:
     """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with 8 panels against the epoch: NC1,
     NC1 CDNV, NC2 equinorm, NC2 equiangularity, NC2 max-angle (class means solid, classifier dashed),
     NC3 self-duality, NC4 NCC mismatch and training error.
@@ -105,9 +110,7 @@ def plot_history(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError(
-            "plot_history needs matplotlib: pip install 'lightning-neural-collapse[plot]'"
-        ) from err
+        raise ImportError("plot_history needs matplotlib: pip install 'lightning-neural-collapse[plot]'") from err
     figure = Figure(figsize=(13.0, 6.2), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 4).ravel()
@@ -188,4 +191,3 @@ def _palette_png(png: bytes) -> bytes:
     out = io.BytesIO()
     palette.save(out, format="png", optimize=True)
     return out.getvalue()
-

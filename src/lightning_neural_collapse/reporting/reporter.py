@@ -73,9 +73,7 @@ class Reporter:
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in scalars.items()})
         log_scalars(trainer.loggers, scalars, int(record["step"]))
 
-    def distributions(
-        self, trainer: Any, stats: ClassStatistics | None, weight: Tensor | None, step: int
-    ) -> None:
+    def distributions(self, trainer: Any, stats: ClassStatistics | None, weight: Tensor | None, step: int) -> None:
         """The ETF-deviation histograms of a measurement (rank 0)."""
         if stats is None or not self.histograms or not trainer.is_global_zero:
             return
