@@ -313,3 +313,35 @@ def test_metric_outputs_every_key_of_the_spec() -> None:
     case = gaussian_mixture(4, 6, [10, 20, 30, 40], seed=31, name="c4_d6")
     _, values = stream(case, torch.float64)
     assert set(values) == set(ALL_KEYS)
+
+
+def test_statistics_are_a_snapshot() -> None:
+    case = make_case("gmm_c10_d64")
+    metric, _ = stream(case)
+    stats = metric.statistics()
+    frozen = [t.clone() for t in (stats.counts, stats.means, stats.within_cov, stats.variances)]
+    feed(metric, torch.tensor(case.features), torch.tensor(case.labels))  # the same data again
+    for before, after in zip(frozen, (stats.counts, stats.means, stats.within_cov, stats.variances), strict=True):
+        assert torch.equal(before, after)
+    assert float(metric.statistics().counts.sum()) == 2 * float(stats.counts.sum())
+
+
+def test_counts_are_integers_and_the_states_float64_by_default() -> None:
+    metric = NeuralCollapse(3, 2)
+    assert metric.count.dtype == torch.long and metric.skipped_nonfinite.dtype == torch.long
+    assert metric.shifted_gram.dtype == torch.float64 and metric.shift.dtype == torch.float64
+    low = NeuralCollapse(3, 2, accumulate_dtype=torch.float32, sum_dtype=torch.float32)  # no float64 at all (MPS)
+    assert not any(t.dtype == torch.float64 for t in (*low.local_states().values(), low.shift))
+    with pytest.raises(ValueError, match="`sum_dtype`"):
+        NeuralCollapse(3, 2, sum_dtype=torch.float16)
+
+
+def test_each_class_takes_its_first_sample_as_shift() -> None:
+    metric = NeuralCollapse(3, 2)
+    metric.update(torch.tensor([[5.0, 5.0], [7.0, 7.0], [1.0, 2.0], [9.0, 9.0]]), torch.tensor([0, 0, 2, 5]))
+    assert metric.shift.tolist() == [[5.0, 5.0], [0.0, 0.0], [1.0, 2.0]]  # class 1 not seen, label 5 invalid
+    assert metric.shift_from_data.tolist() == [True, False, True]
+    metric.update(torch.tensor([[3.0, 3.0], [4.0, 4.0]]), torch.tensor([0, 1]))
+    assert metric.shift.tolist() == [[5.0, 5.0], [4.0, 4.0], [1.0, 2.0]]  # class 0 keeps its shift
+    means = metric.statistics().means
+    assert means.tolist() == [[5.0, 5.0], [4.0, 4.0], [1.0, 2.0]]

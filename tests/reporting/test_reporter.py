@@ -1,0 +1,114 @@
+"""``reporting.reporter``: steps, ``callback_metrics``, and where each instance's figure goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_neural_collapse.reporting.reporter import Reporter, epoch_end_step
+
+HISTORY = [{"epoch": 0, "step": 3, "nc1": 2.0, "train_error": 0.5}, {"epoch": 1, "step": 7, "nc1": 0.5}]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, metrics))
+
+
+def trainer(*loggers: Any, stepped: int | None = 8, global_step: int = 16) -> Any:
+    epoch_loop = SimpleNamespace(_batches_that_stepped=stepped) if stepped is not None else SimpleNamespace()
+    return SimpleNamespace(
+        fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        global_step=global_step,
+        loggers=list(loggers),
+        callback_metrics={},
+        is_global_zero=True,
+    )
+
+
+def reporter(prefix: str = "nc") -> Reporter:
+    name = "neural_collapse.png" if prefix == "nc" else f"neural_collapse_{prefix}.png"
+    return Reporter(prefix, log_histograms=True, log_figure=True, figure_name=name, global_mean="classes")
+
+
+def test_epoch_end_step_is_lightnings() -> None:
+    assert epoch_end_step(trainer(stepped=8), after_epoch_end=False) == 8  # during the last batch's end
+    assert epoch_end_step(trainer(stepped=8), after_epoch_end=True) == 7  # after it: the counter moved on
+    assert epoch_end_step(trainer(stepped=None, global_step=5), after_epoch_end=True) == 5
+
+
+def test_scalars_go_to_every_logger_and_to_callback_metrics() -> None:
+    logger, fake = Recorder(), trainer()
+    fake.loggers = [logger]
+    reporter("nc_val").scalars(fake, {"epoch": 1, "step": 7, "nc1": 0.25, "train_error": float("nan")})
+    assert logger.calls == [(7, {"nc_val/nc1": 0.25})]  # NaN is not logged
+    assert set(fake.callback_metrics) == {"nc_val/nc1", "nc_val/train_error"}
+    assert isinstance(fake.callback_metrics["nc_val/nc1"], torch.Tensor)
+
+
+def test_one_figure_file_per_prefix_in_the_runs_own_directory(tmp_path: Path) -> None:
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    fake = trainer(tb, CSVLogger(tmp_path, name="csv"))
+    first = reporter("nc").final_figure(fake, HISTORY, 1, "title")
+    second = reporter("nc_layer3").final_figure(fake, HISTORY, 1, "title")
+    assert first == str(Path(tb.log_dir) / "neural_collapse.png") and Path(first).is_file()
+    assert second == str(Path(tb.log_dir) / "neural_collapse_nc_layer3.png") and Path(second).is_file()
+    assert reporter().final_figure(trainer(), HISTORY, 1, "title") is None  # no logger: no file
+    assert reporter().final_figure(fake, [], None, "title") is None  # no history
+
+
+class WandbLogger:  # named like W&B's, as the duck typing sees it
+    def __init__(self, run_dir: Path, save_dir: Path) -> None:
+        self.experiment = SimpleNamespace(dir=str(run_dir))
+        self.save_dir = str(save_dir)
+        self.images: list[tuple[str, int]] = []
+
+    def log_image(self, key: str, images: list[Any], step: int) -> None:
+        self.images.append((key, step))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+class MLFlowLogger:
+    def __init__(self, save_dir: Path) -> None:
+        self.run_id, self.save_dir = "run-1", str(save_dir)
+        self.artifacts: list[tuple[str, str]] = []
+        outer = self
+
+        class Client:
+            def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+                outer.artifacts.append((run_id, artifact_file))
+
+        self.experiment = Client()
+
+
+def test_wandb_and_mlflow_figures_stay_inside_their_run(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    wandb, mlflow = WandbLogger(tmp_path / "wandb-run", shared), MLFlowLogger(shared)
+    (tmp_path / "wandb-run").mkdir()
+    path = reporter("nc").final_figure(trainer(mlflow, wandb), HISTORY, None, "title")
+    assert mlflow.artifacts == [("run-1", "nc/figure.png")]  # into the MLflow run's artifacts
+    assert wandb.images == [("nc/figure", 7)]  # at the step of the last record
+    assert path == str(tmp_path / "wandb-run" / "neural_collapse.png") and Path(path).is_file()
+    assert list(shared.iterdir()) == []  # nothing in the folder the runs share
+
+
+def test_a_failing_figure_is_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import lightning_neural_collapse.reporting.reporter as module
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("no usable font")
+
+    monkeypatch.setattr(module, "plot_history", broken)
+    with pytest.warns(RuntimeWarning, match=r"no figure \(ValueError: no usable font\).*`log_figure=False`"):
+        assert reporter().final_figure(trainer(TensorBoardLogger(tmp_path)), HISTORY, None, "t") is None
