@@ -252,6 +252,54 @@ def test_rank_without_a_class_online_equals_union_of_fed_data(uneven_run: Run) -
     assert not math.isnan(history[1]["nc1"])
 
 
+# --------------------------------------------------------------------------------- failures on one rank
+
+
+@pytest.fixture(scope="module")
+def failures_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    out = tmp_path_factory.mktemp("failures")
+    return launch(
+        out,
+        "--mode",
+        "exact",
+        "--epochs",
+        "4",
+        "--fail-labels-on-rank1",
+        "1",
+        "--fail-exact-on-rank1",
+        "2",
+        "--fail-tpt-hook-on-rank1",
+        "--batch-norm",
+        "--batch-size",
+        "32",  # 151 samples per rank: no training batch of 1 sample, which BatchNorm refuses
+    )
+
+
+def test_a_failure_on_one_rank_leaves_no_rank_waiting(failures_run: Run) -> None:
+    """Rank 1's label getter fails in epoch 1, its exact pass in epoch 2, its on_tpt_start once: no hang (each
+    rank has a 200 s watchdog, the whole run 240 s), the same history on both ranks, training goes on."""
+    assert_ranks_agree(failures_run)
+    history = failures_run.history()
+    assert [r["epoch"] for r in history] == [0, 2, 3]  # epoch 1: the training steps of a rank were not measured
+    assert "nc1" in history[0] and "nc1" in history[2]
+    assert "train_error" in history[1] and "nc1" not in history[1]  # epoch 2: the steps counted, the pass failed
+    output = failures_run.output
+    assert output.count("epoch 1 is not measured: 1 rank(s) could not take part (training steps)") == 1
+    assert output.count("epoch 2 is not measured: 1 rank(s) could not take part (exact pass)") == 1
+    assert "[rank: 1] NeuralCollapseCallback: epoch 1 not measured (training steps): KeyError: 'labels'" in output
+    assert "[rank: 1] NeuralCollapseCallback: epoch 2 not measured (exact pass): RuntimeError" in output
+    tpt = failures_run.rank0["tpt_epoch"]["nc"]
+    assert tpt is not None and tpt == failures_run.ranks[1]["tpt_epoch"]["nc"]
+    assert "[rank: 1] NeuralCollapseCallback: on_tpt_start raised RuntimeError" in output
+    assert "Traceback" not in output and "Timeout (" not in output
+    assert_matches(history[-1], failures_run.rank0["reference"])
+
+
+def test_exact_mode_with_batch_norm_measures_rank_zeros_running_statistics(failures_run: Run) -> None:
+    assert failures_run.output.count("every rank measures with rank 0's BatchNorm running statistics") == 1
+    assert_matches(failures_run.history()[-1], failures_run.rank0["reference"])  # rank 0's model, one process
+
+
 # ------------------------------------------------------------------------------------------------ ddp_spawn
 
 

@@ -289,16 +289,3 @@ def test_lightning_cli_config_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
     help_text = capsys.readouterr().out
     assert "every_n_epochs" in help_text and "tpt_threshold" in help_text
     assert "measure NC every this many epochs" in " ".join(help_text.split())
-
-
-def test_invalid_options_name_the_option() -> None:
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    with pytest.raises(MisconfigurationException, match="`mode`"):
-        NeuralCollapseCallback(mode="offline")  # type: ignore[arg-type]
-    with pytest.raises(MisconfigurationException, match="`every_n_epochs`"):
-        NeuralCollapseCallback(every_n_epochs=0)
-    with pytest.raises(MisconfigurationException, match="`tpt_threshold`"):
-        NeuralCollapseCallback(tpt_threshold=1.5)
-    with pytest.raises(MisconfigurationException, match="`measure`"):
-        NeuralCollapseCallback(measure="sometimes")  # type: ignore[arg-type]

@@ -93,6 +93,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uneven", action="store_true")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="a checkpoint after every epoch")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (ckpt_path=)")
+    parser.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d in the body (running statistics)")
+    parser.add_argument(
+        "--fail-labels-on-rank1",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="the label getter raises on rank 1 in the training steps of EPOCH",
+    )
+    parser.add_argument(
+        "--fail-exact-on-rank1",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="the exact pass's input getter raises on rank 1 at EPOCH",
+    )
+    parser.add_argument("--fail-tpt-hook-on-rank1", action="store_true", help="on_tpt_start raises on rank 1")
     parser.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance of the outcome checks")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check fails")
     parser.add_argument(
@@ -215,7 +231,8 @@ class Net(L.LightningModule):
         super().__init__()
         self.args = args
         self.features, self.labels = features, labels
-        self.body = nn.Sequential(nn.Linear(args.dim, 32), nn.Tanh(), nn.Linear(32, args.width), nn.Tanh())
+        norm: list[nn.Module] = [nn.BatchNorm1d(32)] if args.batch_norm else []
+        self.body = nn.Sequential(nn.Linear(args.dim, 32), *norm, nn.Tanh(), nn.Linear(32, args.width), nn.Tanh())
         self.fc = nn.Linear(args.width, args.classes)
         self.automatic_optimization = not args.uneven
         self.fed: dict[int, list[int]] = {}
@@ -247,6 +264,42 @@ class Net(L.LightningModule):
         if self.args.uneven:
             return DataLoader(data, batch_sampler=SplitBatches(sampler, train_steps(self.args, n, world)))
         return DataLoader(data, batch_size=self.args.batch_size, sampler=sampler)
+
+
+# ------------------------------------------------------------------------------------- failures on rank 1
+
+
+class Where(Callback):
+    """Keeps the epoch and rank where the getters below can see them."""
+
+    epoch = 0
+    rank = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        Where.epoch, Where.rank = trainer.current_epoch, trainer.global_rank
+
+
+class Getters:
+    """Label and input getters that raise on rank 1 at the epochs of ``--fail-*-on-rank1``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def labels(self, batch: Any) -> Any:
+        if Where.rank == 1 and Where.epoch == self.args.fail_labels_on_rank1:
+            raise KeyError("labels")  # an edge case of a user's label getter, on one rank only
+        return batch[1]
+
+    def inputs(self, batch: Any) -> Any:
+        if Where.rank == 1 and Where.epoch == self.args.fail_exact_on_rank1:
+            raise RuntimeError("this rank's exact pass failed")
+        return batch[0]
+
+
+class FailingHook(NeuralCollapseCallback):
+    def on_tpt_start(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        if trainer.global_rank == 1:
+            raise RuntimeError("a user's on_tpt_start failed")
 
 
 # ------------------------------------------------------------------------------------------ recording
@@ -423,8 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     modes = {EXACT_PREFIX: args.mode}
     if args.mode == "both":
         modes = {EXACT_PREFIX: "exact", ONLINE_PREFIX: "online"}
-    callbacks = {prefix: NeuralCollapseCallback(mode=mode, prefix=prefix) for prefix, mode in modes.items()}
-    extra: list[Callback] = [Recorder(args, callbacks)]
+    getters = Getters(args)
+    kind = FailingHook if args.fail_tpt_hook_on_rank1 else NeuralCollapseCallback
+    callbacks = {
+        prefix: kind(mode=mode, prefix=prefix, label_getter=getters.labels, input_getter=getters.inputs)
+        for prefix, mode in modes.items()
+    }
+    extra: list[Callback] = [Where(), Recorder(args, callbacks)]
     checkpointing = args.checkpoint_dir is not None
     if checkpointing:
         extra.append(

@@ -70,7 +70,8 @@ class Reporter:
     def scalars(self, trainer: Any, record: Mapping[str, float]) -> None:
         """``record``'s values as ``<prefix>/<key>`` at ``record["step"]``, and into ``callback_metrics``."""
         scalars = {f"{self.prefix}/{key}": float(value) for key, value in record.items() if key not in _NOT_SCALARS}
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in scalars.items()})
+        metrics = {key: torch.tensor(value, dtype=torch.float64) for key, value in scalars.items()}
+        trainer.callback_metrics.update(metrics)  # float64: monitors score the logged value itself
         log_scalars(trainer.loggers, scalars, int(record["step"]))
 
     def distributions(self, trainer: Any, stats: ClassStatistics | None, weight: Tensor | None, step: int) -> None:
