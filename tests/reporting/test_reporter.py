@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_neural_collapse.reporting.reporter import Reporter, epoch_end_step
+from lightning_neural_collapse.reporting.reporter import Reporter
 
 HISTORY = [{"epoch": 0, "step": 3, "nc1": 2.0, "train_error": 0.5}, {"epoch": 1, "step": 7, "nc1": 0.5}]
 
@@ -37,12 +37,6 @@ def trainer(*loggers: Any, stepped: int | None = 8, global_step: int = 16) -> An
 def reporter(prefix: str = "nc") -> Reporter:
     name = "neural_collapse.png" if prefix == "nc" else f"neural_collapse_{prefix}.png"
     return Reporter(prefix, log_histograms=True, log_figure=True, figure_name=name, global_mean="classes")
-
-
-def test_epoch_end_step_is_lightnings() -> None:
-    assert epoch_end_step(trainer(stepped=8), after_epoch_end=False) == 8  # during the last batch's end
-    assert epoch_end_step(trainer(stepped=8), after_epoch_end=True) == 7  # after it: the counter moved on
-    assert epoch_end_step(trainer(stepped=None, global_step=5), after_epoch_end=True) == 5
 
 
 def test_scalars_go_to_every_logger_and_to_callback_metrics() -> None:

@@ -6,7 +6,39 @@ ones; the callback shows them on rank 0 only.
 
 from __future__ import annotations
 
+import warnings
+
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
+
 from lightning_neural_collapse.pipeline.compute import EpochOutcome
+
+
+class WarnOnce:
+    """The warnings of one fit: each key once, on global rank 0; or, for a rank's own failure, on that rank.
+
+    Example:
+        >>> import warnings
+        >>> warn = WarnOnce()
+        >>> with warnings.catch_warnings(record=True) as record:
+        ...     warnings.simplefilter("always")
+        ...     warn("absent", "class 3 had no sample"); warn("absent", "class 3 had no sample")
+        >>> len(record)
+        1
+    """
+
+    def __init__(self) -> None:
+        self.given: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.given:
+            self.given.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+    @staticmethod
+    def on_rank(rank: int, message: str) -> None:
+        """Warn on this rank (prefixed with it), whatever its number."""
+        warnings.warn(rank_prefixed_message(message, rank), RuntimeWarning, stacklevel=3)
 
 
 def epoch_warnings(outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ is *partial*: its first batches ran before the checkpoint and their sums are los
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,11 @@ import torch
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import NC4_KEY
+from lightning_neural_collapse.pipeline import diagnostics as say
 from lightning_neural_collapse.pipeline.accumulate import COUNT_KEYS, Accumulator, Reference
-from lightning_neural_collapse.pipeline.capture import Binding
+from lightning_neural_collapse.pipeline.capture import Binding, CaptureShapeError
 from lightning_neural_collapse.pipeline.compute import EpochOutcome, LocalEpoch
+from lightning_neural_collapse.pipeline.diagnostics import WarnOnce
 from lightning_neural_collapse.pipeline.first_step import FirstStep, Shapes
 from lightning_neural_collapse.pipeline.labels import LabelReader
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
@@ -156,7 +159,7 @@ class FitState:
         held: online mode's standby epoch: measured only if the fit ends with it.
         exact_measured: an exact pass succeeded in this fit (before that, a failing pass is an error).
         last_finished: the latest epoch this fit recorded, and ``last_measured`` the latest it measured NC in.
-        warned: keys of the warnings already given in this fit.
+        warn: the warnings of this fit (each once).
     """
 
     binding: Binding
@@ -169,7 +172,55 @@ class FitState:
     exact_measured: bool = False
     last_finished: int | None = None
     last_measured: int | None = None
-    warned: set[str] = field(default_factory=set)
+    warn: WarnOnce = field(default_factory=WarnOnce)
+
+    def finish_first_step(self, loss: Any, label_getter: Callable[[Any], Any] | None, ignore_index: int | None) -> None:
+        """Run the pending first-step checks after a forward (they raise on a wrong configuration); once they know
+        the shapes, the labels can be read and the first step is done."""
+        assert self.first_step is not None
+        shapes = self.first_step.finish(loss)
+        if shapes is None:
+            return  # the classifier did not run: check again at the next step
+        self.first_step, self.shapes = None, shapes
+        self.labels = LabelReader(label_getter, shapes.num_classes, ignore_index)
+        if self.binding.parameters(shapes.num_classes, shapes.dim)[0] is None:
+            self.warn("no-weight", say.no_weight(self.binding.name, shapes.num_classes, shapes.dim))
+
+    def accumulate(self, batch: Any, new_accumulator: Callable[[torch.device, bool], Accumulator]) -> None:
+        """Add the step's captured features, logits and ``batch``'s labels to the open epoch (no host sync).
+
+        After the first step nothing here raises: a batch that cannot be measured marks the epoch as failed
+        (it is then skipped on every rank), with one warning.
+        """
+        epoch, capture = self.open, self.binding.capture
+        if epoch is None or epoch.failure is not None:
+            return
+        try:
+            captured = capture.take()
+            if captured is None:
+                self.warn("no-forward", say.no_forward(self.binding.name))
+                return
+            if capture.calls > 1:
+                self.warn("forwards", say.several_forwards(self.binding.name, capture.calls))
+            if self.shapes is None or self.labels is None:
+                return
+            features, logits = captured
+            labels = self.labels.read(batch, features.device)
+            if labels.shape[0] != features.shape[0]:
+                self.warn("batch-size", say.batch_size_mismatch(labels.shape[0], features.shape[0]))
+                return
+            if epoch.accumulator is None:
+                epoch.accumulator = new_accumulator(features.device, epoch.plan.accumulates)
+            epoch.accumulator.update(features, logits, labels)
+        except Exception as err:  # after the first step's checks, never stop the run
+            epoch.failure = str(err) if isinstance(err, CaptureShapeError) else f"{type(err).__name__}: {err}"
+            self.warn("batch-error", say.batch_error(epoch.epoch, epoch.failure))
+
+    def close(self) -> None:
+        """Remove the hooks (and a first-step probe still watching)."""
+        if self.first_step is not None and self.first_step.probe is not None:
+            self.first_step.probe.stop()
+        self.binding.close()
 
 
 def build_record(outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, partial: bool) -> dict[str, float]:

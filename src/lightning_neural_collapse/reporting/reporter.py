@@ -31,17 +31,6 @@ from lightning_neural_collapse.reporting.scalars import log_scalars
 _NOT_SCALARS = ("epoch", "step")
 
 
-def epoch_end_step(trainer: Any, *, after_epoch_end: bool) -> int:
-    """The logging step of the current epoch's end: Lightning's batches-that-stepped counter minus one once the
-    epoch's last batch is done (``on_train_epoch_end``), or the counter itself during that batch's
-    ``on_train_batch_end``; ``trainer.global_step`` where the counter is unavailable."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    stepped = getattr(loop, "_batches_that_stepped", None)
-    if not isinstance(stepped, int):
-        return int(trainer.global_step)
-    return max(stepped - 1, 0) if after_epoch_end else stepped
-
-
 class Reporter:
     """Reports one callback instance's numbers (see the module docstring).
 

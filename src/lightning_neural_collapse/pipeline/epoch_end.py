@@ -1,0 +1,233 @@
+"""Finishing an epoch's measurement: the *what*, while the callback's hooks decide *when*.
+
+:meth:`EpochEnd.finish` runs on every rank for the open epoch: it brings this rank's sums (or, in exact mode,
+the eval-mode passes) to :func:`~lightning_neural_collapse.pipeline.compute.finish_epoch`, where TPT is decided
+from the training error summed over ranks and NC is measured when it is due; then it commits the record to the
+checkpointed state, calls the user's ``on_tpt_start`` once, gives the measurement's warnings and reports.
+:meth:`EpochEnd.measure_last_epoch` measures, at the end of a fit, the last epoch reached when the schedule did
+not (``max_steps``, ``max_time``, early stopping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_neural_collapse.functional.statistics import ClassStatistics
+from lightning_neural_collapse.pipeline import diagnostics as say
+from lightning_neural_collapse.pipeline import loop
+from lightning_neural_collapse.pipeline.accumulate import Accumulator
+from lightning_neural_collapse.pipeline.compute import Agreement, EpochOutcome, RankGroup, finish_epoch
+from lightning_neural_collapse.pipeline.config import Config
+from lightning_neural_collapse.pipeline.exact import ExactMeasurement, ExactPass, batch_limit, exact_loader
+from lightning_neural_collapse.pipeline.labels import default_input_getter
+from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState, build_record, reference_of
+from lightning_neural_collapse.pipeline.schedule import EpochPlan, Schedule
+from lightning_neural_collapse.reporting.reporter import Reporter
+
+TPTHook = Callable[[Trainer, LightningModule, int], None]
+
+
+class EpochEnd:
+    """The end of an epoch's measurement for one callback instance.
+
+    Args:
+        config: the callback's options.
+        saved: the checkpointed state (history, TPT, the previous class means).
+        reporter: where the numbers go.
+        on_tpt_start: the callback's hook, called once on every rank when TPT begins.
+        group: the ranks (the default process group).
+    """
+
+    def __init__(
+        self, config: Config, saved: SavedState, reporter: Reporter, on_tpt_start: TPTHook, group: RankGroup
+    ) -> None:
+        self.config = config
+        self.schedule = Schedule(config.every_n_epochs, config.measure)
+        self.saved = saved
+        self.reporter = reporter
+        self.on_tpt_start = on_tpt_start
+        self.group = group
+        self.last_statistics: ClassStatistics | None = None
+        """The per-class statistics of the latest measurement of this fit, or ``None``."""
+
+    def input_getter(self, batch: Any) -> Any:
+        """The exact pass's model input of ``batch`` (``input_getter=`` or the default)."""
+        return (self.config.input_getter or default_input_getter)(batch)
+
+    def plan(self, trainer: Trainer) -> EpochPlan:
+        """What the training steps of the epoch starting now accumulate."""
+        if self.config.mode == "exact":
+            return EpochPlan(statistics=False, standby=False)
+        epoch, limits = trainer.current_epoch, loop.limits(trainer)
+        return self.schedule.online_plan(epoch, limits, tpt_started=self.saved.tpt.started)
+
+    def accumulator(self, fit: FitState, device: torch.device, *, statistics: bool, lagged: bool = True) -> Accumulator:
+        """A fresh accumulator of this fit's shapes on ``device``, shifted by the previous measurement."""
+        assert fit.shapes is not None
+        config = self.config
+        return Accumulator(
+            fit.shapes.num_classes,
+            fit.shapes.dim,
+            device,
+            statistics=statistics,
+            reference=self.saved.reference,
+            lagged_ncc=lagged,
+            global_mean=config.global_mean,
+            accumulate_dtype=config.dtype,
+            sum_dtype=config.dtype if device.type == "mps" else None,  # MPS has no float64
+        )
+
+    def finish(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> None:
+        """Finish the open epoch of ``fit`` on every rank: reduce, measure, commit and report."""
+        epoch, fit.open = fit.open, None
+        if epoch is None or self.saved.finished(epoch.epoch):
+            return  # finished before the checkpoint this fit resumed from
+        exact = self.config.mode == "exact"
+        if epoch.partial and not exact:
+            fit.warn("partial", say.partial_epoch(epoch.epoch))
+            self.saved.mark_finished(epoch.epoch)
+            return
+        step = epoch.step if epoch.step is not None else loop.epoch_end_step(trainer, after_epoch_end=True)
+        outcome = self._run(trainer, pl_module, fit, epoch)
+        if outcome.stage == "training steps":
+            self._warn_failure(fit, outcome, epoch.epoch)
+            self.saved.mark_finished(epoch.epoch)
+            return
+        if outcome.stage:  # the exact pass failed on some rank: every rank gets here
+            if not fit.exact_measured:
+                raise MisconfigurationException(say.exact_failure(outcome.stage, outcome.failure, outcome.failed_ranks))
+            self._warn_failure(fit, outcome, epoch.epoch)
+        record = build_record(outcome, epoch.epoch, step, exact=exact, partial=epoch.partial)
+        self._commit(trainer, pl_module, fit, record, outcome)
+        if epoch.plan.standby and epoch.accumulator is not None:
+            fit.held = epoch  # measured if the fit ends with this epoch
+
+    def _run(
+        self, trainer: Trainer, pl_module: LightningModule, fit: FitState, epoch: OpenEpoch, *, force: bool = False
+    ) -> EpochOutcome:
+        """Finish ``epoch`` on every rank; ``force``: measure NC whatever the schedule (the last epoch reached)."""
+        if epoch.accumulator is None and fit.shapes is not None:  # no batch measured here: take part with nothing
+            epoch.accumulator = self.accumulator(fit, pl_module.device, statistics=epoch.plan.accumulates)
+        saved, exact = self.saved, self.config.mode == "exact"
+
+        def decide(agreed: Agreement) -> bool:  # every rank, same counts: TPT, then whether NC is measured
+            total = agreed.counts["total"]
+            if not (epoch.partial or force) and total > 0:
+                saved.tpt.update(epoch.epoch, agreed.counts["errors"] / total)
+            if force or not exact:
+                return force or epoch.plan.statistics
+            return self.schedule.due(epoch.epoch, loop.limits(trainer), tpt_started=saved.tpt.started)
+
+        shapes = fit.shapes
+        return finish_epoch(
+            self.group,
+            epoch.local(pl_module.device, statistics=epoch.plan.statistics or force),
+            decide=decide,
+            exact=self._exact(trainer, pl_module, fit).run() if exact and shapes is not None else None,
+            weights=lambda: fit.binding.parameters(shapes.num_classes, shapes.dim)[0] if shapes else None,
+            global_mean=self.config.global_mean,
+        )
+
+    def _exact(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> ExactMeasurement:
+        assert fit.shapes is not None and fit.labels is not None
+        shapes, labels = fit.shapes, fit.labels
+
+        def new_pass() -> ExactPass:
+            if fit.exact_loader is None:
+                fit.exact_loader = exact_loader(
+                    trainer.train_dataloader, trainer.world_size, trainer.global_rank, self.config.exact_dataloader
+                )
+            limit = (
+                None
+                if self.config.exact_dataloader is not None
+                else batch_limit(trainer.limit_train_batches, loop.length(fit.exact_loader))
+            )
+            return ExactPass(
+                pl_module,
+                fit.exact_loader,
+                fit.binding.capture,
+                labels,
+                self.input_getter,
+                to_device=trainer.strategy.batch_to_device,
+                context=trainer.precision_plugin.forward_context,
+                max_batches=limit,
+            )
+
+        return ExactMeasurement(
+            new_pass,
+            lambda features: self.accumulator(fit, features.device, statistics=True, lagged=False),
+            lambda: torch.zeros(0, shapes.dim, device=pl_module.device),
+            shapes.num_classes,
+            pl_module,
+        )
+
+    def _commit(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        fit: FitState,
+        record: dict[str, float],
+        outcome: EpochOutcome,
+    ) -> None:
+        saved, epoch = self.saved, int(record["epoch"])
+        started = saved.tpt.epoch == epoch
+        if started:
+            record["tpt_epoch"] = epoch
+        saved.commit(record)
+        fit.last_finished = epoch
+        if outcome.statistics is not None:
+            saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
+            fit.last_measured, fit.exact_measured = epoch, fit.exact_measured or self.config.mode == "exact"
+        if started:
+            rank_zero_info(
+                f"NeuralCollapseCallback: the Terminal Phase of Training begins at epoch {epoch} "
+                f"(training error {record.get('train_error', 0.0):.4g} <= {saved.tpt.threshold})."
+            )
+            try:
+                self.on_tpt_start(trainer, pl_module, epoch)
+            except Exception as err:  # a user's hook must not leave the other ranks waiting
+                fit.warn.on_rank(
+                    self.group.rank,
+                    f"NeuralCollapseCallback: on_tpt_start raised {err!r}; TPT stays recorded and training goes on.",
+                )
+        if fit.shapes is not None:
+            for key, message in say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix):
+                fit.warn(key, message)
+        self.reporter.scalars(trainer, record)
+        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]))
+
+    def measure_last_epoch(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> None:
+        """At the end of the fit, measure the last epoch reached if the schedule did not (every rank)."""
+        last = self.saved.history[-1] if self.saved.history else None
+        if last is None or int(last["epoch"]) != fit.last_finished or fit.last_measured == fit.last_finished:
+            return
+        epoch_index = int(last["epoch"])
+        allowed = self.config.measure == "always" or (
+            self.saved.tpt.epoch is not None and self.saved.tpt.epoch <= epoch_index
+        )
+        held = fit.held if fit.held is not None and fit.held.epoch == epoch_index else None
+        if not allowed or (self.config.mode == "online" and held is None):
+            return
+        epoch = held or OpenEpoch(epoch_index, EpochPlan(statistics=False, standby=False))
+        outcome = self._run(trainer, pl_module, fit, epoch, force=True)
+        if outcome.status != "measured":
+            self._warn_failure(fit, outcome, epoch_index)
+            return
+        extra = build_record(outcome, epoch_index, int(last["step"]), exact=self.config.mode == "exact", partial=True)
+        new = {key: value for key, value in extra.items() if key not in last}
+        last.update(new)
+        self.saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
+        self.reporter.scalars(trainer, {"step": last["step"], **new})
+        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]))
+
+    def _warn_failure(self, fit: FitState, outcome: EpochOutcome, epoch: int) -> None:
+        if outcome.failure:  # this rank's own cause, on this rank
+            message = f"NeuralCollapseCallback: epoch {epoch} not measured ({outcome.stage}): {outcome.failure}"
+            fit.warn.on_rank(self.group.rank, message)
+        fit.warn(f"failed-{outcome.stage}", say.skipped_epoch(epoch, outcome.stage, outcome.failed_ranks))
