@@ -20,6 +20,13 @@
 #   uneven    both modes, rank 1 never sees the last class, uneven shards and measured batches
 #   spawn     exact mode under ddp_spawn
 #
+#   failures  exact mode with BatchNorm; rank 1's label getter fails in epoch 1, its exact pass in epoch 2,
+#             its on_tpt_start once: no rank is left waiting, every rank skips the same epochs
+#
+# Before them, benchmarks/gpu_sync_check.py runs the per-step hooks on one GPU under
+# torch.cuda.set_sync_debug_mode("error") (no host-device synchronisation); with a single GPU only that
+# check runs.
+#
 # Each run writes OUTDIR/<run>/rank*.json and OUTDIR/<run>/outcome.json (checks and "ok"); the script
 # collects them into OUTDIR/summary.json and exits with status 1 when a run failed or a check did not hold.
 set -u -o pipefail
@@ -32,14 +39,23 @@ NUM_GPUS=${1:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 OUTDIR=${2:-gpu_ddp_check}
 SCRIPT="$(cd "$(dirname "$0")/.." && pwd)/tests/scripts/ddp_fit.py"
 
-if ! [[ "$NUM_GPUS" =~ ^[0-9]+$ ]] || [ "$NUM_GPUS" -lt 2 ]; then
-    echo "gpu_ddp_check: needs at least 2 devices, got '$NUM_GPUS'" >&2
+if ! [[ "$NUM_GPUS" =~ ^[0-9]+$ ]] || [ "$NUM_GPUS" -lt 1 ]; then
+    echo "gpu_ddp_check: needs a device, got '$NUM_GPUS'" >&2
     exit 2
 fi
 mkdir -p "$OUTDIR"
+SYNC_STATUS=0
+if [ "$ACCELERATOR" = "cuda" ]; then
+    echo "== sync: benchmarks/gpu_sync_check.py"
+    "$PYTHON" "$(dirname "$0")/gpu_sync_check.py" | tee "$OUTDIR/sync_check.jsonl" || SYNC_STATUS=1
+fi
+if [ "$NUM_GPUS" -lt 2 ]; then
+    echo "gpu_ddp_check: one device: the DDP runs need at least 2 (the sync check ran)" >&2
+    exit "$SYNC_STATUS"
+fi
 SAMPLES=$((NUM_GPUS * 150 + 1))
 COMMON=(--accelerator "$ACCELERATOR" --devices "$NUM_GPUS" --samples "$SAMPLES" --rtol "$RTOL" --strict)
-STATUS=0
+STATUS=$SYNC_STATUS
 
 run() {  # run NAME ARGS...: one ddp_fit.py launch, its exit status in OUTDIR/NAME/exit_status
     local name=$1
@@ -62,6 +78,8 @@ run resume --mode exact --epochs 4 --resume "$OUTDIR/exact/ckpt/epoch=1.ckpt" --
 run online --mode online --lr 0 --epochs 3
 run uneven --mode both --missing-class-on-rank1 --uneven --epochs 3
 run spawn --mode exact --strategy ddp_spawn --epochs 2
+run failures --mode exact --epochs 4 --batch-norm --batch-size 32 --fail-labels-on-rank1 1 \
+    --fail-exact-on-rank1 2 --fail-tpt-hook-on-rank1
 
 "$PYTHON" - "$OUTDIR" "$NUM_GPUS" <<'EOF' || STATUS=1
 import json
@@ -70,7 +88,7 @@ from pathlib import Path
 
 outdir, world = Path(sys.argv[1]), int(sys.argv[2])
 summary, ok = {"world_size": world, "runs": {}}, True
-for name in ("exact", "resume", "online", "uneven", "spawn"):
+for name in ("exact", "resume", "online", "uneven", "spawn", "failures"):
     run = outdir / name
     status = int((run / "exit_status").read_text()) if (run / "exit_status").exists() else None
     outcome = json.loads((run / "outcome.json").read_text()) if (run / "outcome.json").exists() else None
@@ -84,6 +102,10 @@ for name in ("exact", "resume", "online", "uneven", "spawn"):
     if name == "online" and (run / "rank0.json").exists():
         seen = json.loads((run / "rank0.json").read_text())["seen_reference"]
         entry["duplicates_per_epoch"] = sorted({int(r["samples"]) - (world * 150 + 1) for r in seen.values()})
+    if name == "failures" and (run / "rank0.json").exists():
+        history = json.loads((run / "rank0.json").read_text())["history"]["nc"]
+        entry["epochs_logged"] = [r["epoch"] for r in history]
+        entry["history_continues"] = entry["epochs_logged"] == [0, 2, 3] and "nc1" not in history[1]
     entry["ok"] = bool(status == 0 and outcome and outcome["ok"] and len(ranks) == world
                        and entry.get("history_continues", True))
     ok = ok and entry["ok"]
