@@ -9,6 +9,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+QUIET: dict[str, Any] = {
+    "accelerator": "cpu",
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "logger": False,
+    "num_sanity_val_steps": 0,
+}
+"""Trainer arguments of the tests: CPU, no progress bar, summary, checkpoints, logger or sanity check."""
+
 
 def blobs(num_samples: int = 200, num_classes: int = 4, dim: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``(features, labels)``: Gaussian blobs around well separated random centres (float32, int64)."""

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from reference import reference_metrics
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,13 +18,7 @@ from toy import ToyClassifier, blobs
 from lightning_neural_collapse import NeuralCollapseCallback
 from lightning_neural_collapse.pipeline.capture import CaptureShapeError
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "logger": False,
-}
+QUIET = toy.QUIET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from reference import reference_metrics
 from torch import Tensor, nn
@@ -16,13 +17,7 @@ from toy import NoisyDataset, ToyClassifier, blobs
 from lightning_neural_collapse import NeuralCollapseCallback
 from lightning_neural_collapse.functional import ALL_KEYS
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "logger": False,
-}
+QUIET = toy.QUIET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,13 +23,7 @@ from toy import ToyClassifier, blobs
 
 from lightning_neural_collapse import NeuralCollapseCallback
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "logger": False,
-    "num_sanity_val_steps": 0,
-}
+QUIET = toy.QUIET
 STATE_KEY = "NeuralCollapseCallback{'classifier': None, 'features': None, 'prefix': 'nc'}"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,13 +19,7 @@ from toy import ToyClassifier, blobs
 
 from lightning_neural_collapse import NeuralCollapseCallback
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "num_sanity_val_steps": 0,
-}
+QUIET: dict[str, Any] = {key: v for key, v in toy.QUIET.items() if key != "logger"}
 SIZES = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from reference import reference_metrics
@@ -21,12 +22,7 @@ from lightning_neural_collapse import NeuralCollapseCallback
 from lightning_neural_collapse.functional import ALL_KEYS, NC4_KEY
 from lightning_neural_collapse.pipeline.run_state import LAGGED_NC4_KEY
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-}
+QUIET: dict[str, Any] = {key: v for key, v in toy.QUIET.items() if key not in ("logger", "num_sanity_val_steps")}
 
 
 class BruteForce(Callback):

@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import toy
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -43,14 +44,7 @@ from lightning_neural_collapse.pipeline.capture import ClassifierNotFoundError
 from lightning_neural_collapse.pipeline.labels import BatchFormatError
 from lightning_neural_collapse.pipeline.run_state import LAGGED_NC4_KEY
 
-QUIET: dict[str, Any] = {
-    "accelerator": "cpu",
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "logger": False,
-    "num_sanity_val_steps": 0,
-}
+QUIET = toy.QUIET
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,6 +20,7 @@ would cost them a recompilation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -86,20 +87,12 @@ class FinalLayerProbe:
         if not isinstance(loss, Tensor) or loss.grad_fn is None or self._output_node is None:
             return []
         found: dict[str, Any] = {}
-        stack: list[Any] = [loss.grad_fn]
-        seen: set[int] = set()
-        while stack and len(seen) < _MAX_NODES:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node is self._output_node:
-                continue
-            boundary = self._boundaries.get(id(node))
+        output, boundaries = self._output_node, self._boundaries
+        stops = lambda node: node is output or id(node) in boundaries  # noqa: E731
+        for node in _walk([loss.grad_fn], stop=stops):
+            boundary = boundaries.get(id(node))
             if boundary is not None:
                 found.update({name: node for name in boundary[1][:1] if name in self._linears})
-                continue
-            stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
         return [name for name, node in found.items() if not _reaches(self._output_node, node)]
 
     def reaches_loss(self, loss: Any) -> bool | None:
@@ -168,49 +161,33 @@ def is_compiled(model: nn.Module) -> bool:
     )
 
 
-def _reaches(start: Any, target: Any) -> bool:
-    """Whether ``target`` is among the autograd nodes ``start`` depends on (bounded walk)."""
-    stack: list[Any] = [start]
+def _walk(roots: list[Any], stop: Callable[[Any], bool] = lambda node: False) -> Iterator[Any]:
+    """The autograd nodes reachable from ``roots`` (each once, depth first, bounded by ``_MAX_NODES``), not
+    going below the nodes for which ``stop`` is true (they are yielded)."""
+    stack = list(roots)
     seen: set[int] = set()
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
-        if node is target:
-            return True
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
-    return False
+        yield node
+        if not stop(node):
+            stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
+
+
+def _reaches(start: Any, target: Any) -> bool:
+    """Whether ``target`` is among the autograd nodes ``start`` depends on."""
+    return any(node is target for node in _walk([start]))
 
 
 def _nodes_named(root: Any, patterns: tuple[str, ...]) -> list[Any]:
-    """The autograd nodes under ``root`` whose type name contains one of ``patterns`` (bounded walk)."""
-    found: list[Any] = []
-    stack: list[Any] = [root]
-    seen: set[int] = set()
-    while stack and len(seen) < _MAX_NODES:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if any(pattern in type(node).__name__ for pattern in patterns):
-            found.append(node)
-        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
-    return found
+    """The autograd nodes under ``root`` whose type name contains one of ``patterns``."""
+    return [node for node in _walk([root]) if any(pattern in type(node).__name__ for pattern in patterns)]
 
 
 def _first_boundaries(start: Any, boundaries: dict[int, tuple[Any, list[str]]], output_node: Any) -> list[Any]:
-    """The module-output nodes first met below ``start`` (the walk stops at each), bounded."""
-    found: list[Any] = []
-    stack: list[Any] = [next_node for next_node, _ in getattr(start, "next_functions", ())]
-    seen: set[int] = set()
-    while stack and len(seen) < _MAX_NODES:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node is output_node or id(node) in boundaries:
-            found.append(node)
-            continue
-        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
-    return found
+    """The module-output nodes first met below ``start`` (the walk stops at each)."""
+    below = [next_node for next_node, _ in getattr(start, "next_functions", ())]
+    is_boundary = lambda node: node is output_node or id(node) in boundaries  # noqa: E731
+    return [node for node in _walk(below, stop=is_boundary) if is_boundary(node)]
