@@ -26,6 +26,7 @@ FEATURE_KEYS: tuple[str, ...] = (
     "nc2_equiangular_means",
     "nc2_maxangle_means",
     "nc2_etf_distance_means",
+    "nc2_log_energy_means",
 )
 CLASSIFIER_KEYS: tuple[str, ...] = (
     "nc2_equinorm_weights",
@@ -34,11 +35,14 @@ CLASSIFIER_KEYS: tuple[str, ...] = (
     "nc2_etf_distance_weights",
     "nc3_self_duality",
     "nc3_cosine",
+    "nc3_cosine_cov",
 )
 NC4_KEY = "nc4_ncc_mismatch"
 ALL_KEYS: tuple[str, ...] = FEATURE_KEYS + CLASSIFIER_KEYS + (NC4_KEY,)
-NC2_NC3_KEYS: tuple[str, ...] = tuple(k for k in ALL_KEYS if k.startswith(("nc2_", "nc3_self")))
-"""Keys that are exactly 0 at a simplex ETF (``nc3_cosine`` is 1 there)."""
+NC2_NC3_KEYS: tuple[str, ...] = tuple(
+    k for k in ALL_KEYS if k.startswith(("nc2_", "nc3_self", "nc3_cosine_cov")) and k != "nc2_log_energy_means"
+)
+"""Keys that are exactly 0 at a simplex ETF (``nc3_cosine`` is 1 there, the log energy -0.5 log(2C/(C-1)))."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,6 +103,16 @@ def _etf_distance(vectors: np.ndarray) -> float:
         return math.nan
     target = (np.eye(num) - np.ones((num, num)) / num) / math.sqrt(num - 1)
     return math.sqrt(float(((gram / scale - target) ** 2).sum()))
+
+
+def _log_energy(vectors: np.ndarray) -> float:
+    """``Avg_{c != c'} log(1 / ||u_c - u_c'||)`` with ``u`` the unit vectors, from explicit differences."""
+    norms = [float(np.linalg.norm(v)) for v in vectors]
+    if len(vectors) < 2 or not all(n > 0 for n in norms):
+        return math.nan
+    units = [v / n for v, n in zip(vectors, norms, strict=True)]
+    terms = [-math.log(float(np.linalg.norm(units[a] - units[b]))) for a, b in _pairs(len(vectors))]
+    return sum(terms) / len(terms)
 
 
 def _pinv_capped(sigma_b: np.ndarray, num_classes: int) -> np.ndarray | None:
@@ -190,6 +204,7 @@ def reference_metrics(
     out["nc2_equiangular_means"] = _equiangular(centred)
     out["nc2_maxangle_means"] = _max_angle(centred)
     out["nc2_etf_distance_means"] = _etf_distance(centred)
+    out["nc2_log_energy_means"] = _log_energy(centred)
 
     if weight is not None:
         w_all = np.asarray(weight, dtype=np.float64)
@@ -204,6 +219,8 @@ def reference_metrics(
             out["nc3_self_duality"] = float(((w.T / w_norm - centred.T / m_norm) ** 2).sum())
         cos = [_cosine(w[i], centred[i]) for i in range(num)]
         out["nc3_cosine"] = sum(cos) / num if num else math.nan
+        if num and all(math.isfinite(c) for c in cos) and sum(cos) != 0:
+            out["nc3_cosine_cov"] = _std(cos) / (sum(cos) / num)  # UNC3, population Std over the mean
 
         # NC4: network decision over all C rows (bias included) vs the nearest present class mean
         b = np.zeros(num_classes) if bias is None else np.asarray(bias, dtype=np.float64)

@@ -23,7 +23,7 @@ from lightning_neural_collapse.pipeline import diagnostics as say
 from lightning_neural_collapse.pipeline import loop
 from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import RankGroup
-from lightning_neural_collapse.pipeline.config import Config, DtypeChoice, GlobalMeanChoice, Measure, Mode
+from lightning_neural_collapse.pipeline.config import ClassSubset, Config, DtypeChoice, GlobalMeanChoice, Measure, Mode
 from lightning_neural_collapse.pipeline.epoch_end import EpochEnd
 from lightning_neural_collapse.pipeline.exact import (
     ExactLoaderError,
@@ -73,9 +73,18 @@ class NeuralCollapseCallback(Callback):
         exact_dataloader: the data of the exact pass (a ``DataLoader``, or a function with no argument returning
             one), for example the training set without augmentation. Default: the training loader, rebuilt
             without shuffling (and limited like ``limit_train_batches``).
-        ignore_index: a label value marking samples to leave out.
+        ignore_index: a label value marking samples to leave out (default -100, as ``cross_entropy``).
+        shift_labels: for sequence models, whose every position is a sample (a ``(B, T, C)`` output from
+            ``(B, T, D)`` features, with ``(B, T)`` labels): ``True`` when the target of position ``t`` is
+            ``labels[:, t + 1]`` (Hugging Face causal LMs shift inside their loss; the last position has no
+            target), ``False`` when the labels are aligned already (nanoGPT-style ``(x, y)``). Default: automatic,
+            ``True`` for a Hugging Face ``*ForCausalLM`` model, else ``False`` (said in an info message). An
+            ``attention_mask`` in a dict batch is honoured.
         every_n_epochs: measure NC every this many epochs (epochs 0, n, 2n, ... and the last reached). The
             training error, and so TPT, is counted every epoch.
+        every_n_train_steps: instead of epochs, measure windows of this many training steps (optimizer steps;
+            online mode): each window is logged at its end, with its own ``train_error``; the shift and online
+            NC4's means come from the previous window. For language models, which train about one epoch.
         measure: ``"always"`` (default) or ``"tpt"``: measure NC only once TPT has begun.
         tpt_threshold: training error at or below which TPT begins (default 0.0: zero errors).
         global_mean: ``"classes"`` (mean of the class means, default) or ``"sample"`` (mean of all samples).
@@ -86,6 +95,13 @@ class NeuralCollapseCallback(Callback):
         accumulate_dtype: ``"float64"`` (default) or ``"float32"``: the dtype of the per-batch products of the
             streaming statistics, which are summed in float64 (float32 on devices without float64). float32 is
             accurate thanks to a per-class shift and much faster on GPUs.
+        classes: measure a subset of the classes, for speed at vocabulary scale: a number ``k`` (see
+            ``classes_from``) or a list of class ids. Samples of other classes are left out, and NC4 compares
+            the network's choice among the subset with the nearest mean of the subset. Recorded in the log
+            (``nc/classes_measured``).
+        classes_from: with ``classes=k``: ``"frequent"`` (default), the ``k`` classes with the most samples in the
+            measurement, or ``"random"``, ``k`` classes drawn once with ``classes_seed``.
+        classes_seed: the seed of ``classes_from="random"``.
 
     Example::
 
@@ -101,8 +117,10 @@ class NeuralCollapseCallback(Callback):
         label_getter: Callable[[Any], Any] | None = None,
         input_getter: Callable[[Any], Any] | None = None,
         exact_dataloader: DataLoader | Callable[[], DataLoader] | None = None,
-        ignore_index: int | None = None,
+        ignore_index: int | None = -100,
+        shift_labels: bool | None = None,
         every_n_epochs: int = 1,
+        every_n_train_steps: int | None = None,
         measure: Measure = "always",
         tpt_threshold: float = 0.0,
         global_mean: GlobalMeanChoice = "classes",
@@ -110,6 +128,9 @@ class NeuralCollapseCallback(Callback):
         log_histograms: bool = True,
         log_figure: bool = True,
         accumulate_dtype: DtypeChoice = "float64",
+        classes: int | list[int] | None = None,
+        classes_from: ClassSubset = "frequent",
+        classes_seed: int = 0,
     ) -> None:
         self.config = Config(
             mode=mode,
@@ -120,7 +141,9 @@ class NeuralCollapseCallback(Callback):
             input_getter=input_getter,
             exact_dataloader=exact_dataloader,
             ignore_index=ignore_index,
+            shift_labels=shift_labels,
             every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
             measure=measure,
             tpt_threshold=tpt_threshold,
             global_mean=global_mean,
@@ -128,6 +151,9 @@ class NeuralCollapseCallback(Callback):
             log_histograms=log_histograms,
             log_figure=log_figure,
             accumulate_dtype=accumulate_dtype,
+            classes=tuple(classes) if isinstance(classes, list) else classes,
+            classes_from=classes_from,
+            classes_seed=classes_seed,
         )
         self.reporter = Reporter(
             prefix,
@@ -136,7 +162,7 @@ class NeuralCollapseCallback(Callback):
             figure_name=self.config.figure_name,
             global_mean=global_mean,
         )
-        self._saved = SavedState(tpt_threshold)
+        self._saved = SavedState(tpt_threshold, unit_key="window" if self.config.windows else "epoch")
         self._fit: FitState | None = None
         self._end = EpochEnd(self.config, self._saved, self.reporter, self._tpt_started, RankGroup())
         self.figure_path: str | None = None
@@ -152,8 +178,18 @@ class NeuralCollapseCallback(Callback):
 
     @property
     def tpt_epoch(self) -> int | None:
-        """First epoch (0-based ``trainer.current_epoch``) of the Terminal Phase of Training, or ``None``."""
-        return self._saved.tpt.epoch
+        """First epoch (0-based ``trainer.current_epoch``) of the Terminal Phase of Training, or ``None``; with
+        ``every_n_train_steps``, the epoch in which the first window of TPT ended."""
+        if not self.config.windows or self._saved.tpt.epoch is None:
+            return self._saved.tpt.epoch
+        record = self._saved.record(self._saved.tpt.epoch)
+        return None if record is None else int(record["epoch"])
+
+    @property
+    def tpt_step(self) -> int | None:
+        """The logging step at the end of the epoch (or window) where TPT began, or ``None``."""
+        record = None if self._saved.tpt.epoch is None else self._saved.record(self._saved.tpt.epoch)
+        return None if record is None else int(record["step"])
 
     @property
     def last_statistics(self) -> ClassStatistics | None:
@@ -197,7 +233,14 @@ class NeuralCollapseCallback(Callback):
             rank_zero_info(
                 f"NeuralCollapseCallback: using `{binding.name}` ({type(binding.module).__name__}) as the classifier."
             )
-        self._fit = fit = FitState(binding)
+        tied = binding.tied_to()
+        if tied is not None:
+            rank_zero_info(
+                f"NeuralCollapseCallback: the weight of `{binding.name}` is tied to `{tied}` (weight tying): "
+                "NC2 of the weights and NC3 compare the class means with that embedding matrix."
+            )
+        shift, shift_reason = _shift_labels(pl_module, config.shift_labels)
+        self._fit = fit = FitState(binding, shift_labels=shift)
         fit.first_step = FirstStep(
             binding,
             num_classes=config.num_classes,
@@ -206,6 +249,8 @@ class NeuralCollapseCallback(Callback):
             input_getter=self._end.input_getter if config.mode == "exact" else None,
             probe=not compiled,
             warn=fit.warn,
+            shift_labels=fit.shift_labels,
+            shift_reason=shift_reason,
         )
 
     @override
@@ -240,9 +285,11 @@ class NeuralCollapseCallback(Callback):
         if fit is None:
             return
         fit.binding.capture.clear()
-        if fit.open is None or fit.open.epoch != trainer.current_epoch:
-            fit.held = None  # a new epoch began: the one on standby was not the last
-            fit.open = OpenEpoch(trainer.current_epoch, self._end.plan(trainer), partial=batch_idx > 0)
+        steps = self.config.every_n_train_steps
+        unit, partial = (trainer.current_epoch, batch_idx > 0) if steps is None else divmod(trainer.global_step, steps)
+        if fit.open is None or fit.open.epoch != unit:
+            fit.held = None  # a new unit began: the one on standby was not the last
+            fit.open = OpenEpoch(unit, self._end.plan(trainer), partial=bool(partial))
         if fit.first_step is not None:
             fit.first_step.begin(batch)
 
@@ -261,8 +308,16 @@ class NeuralCollapseCallback(Callback):
         if fit.first_step is not None:
             self._first_step_done(None)  # no backward ran in this step
         self._accumulate(fit, batch)
-        if fit.open is not None and loop.is_last_batch(trainer):
-            fit.open.step = loop.epoch_end_step(trainer, after_epoch_end=False)
+        steps, open_unit = self.config.every_n_train_steps, fit.open
+        if open_unit is not None and steps is not None:  # a window ends with its K-th optimizer step
+            open_unit.step, open_unit.current_epoch = (
+                loop.epoch_end_step(trainer, after_epoch_end=False),
+                trainer.current_epoch,
+            )
+            if trainer.global_step >= (open_unit.epoch + 1) * steps:
+                self._finish(trainer, pl_module)
+        elif open_unit is not None and loop.is_last_batch(trainer):
+            open_unit.step = loop.epoch_end_step(trainer, after_epoch_end=False)
             if self.config.mode == "online":
                 self._finish(trainer, pl_module)
             # exact mode runs the model: not before the other callbacks and the module have seen this batch
@@ -270,13 +325,19 @@ class NeuralCollapseCallback(Callback):
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit = self._fit
-        if fit is not None and fit.open is not None and fit.open.step is not None and not trainer.sanity_checking:
-            self._finish(trainer, pl_module)  # the validation right after an epoch's last batch, before its checkpoint
+        if fit is None or fit.open is None or fit.open.step is None or trainer.sanity_checking or self.config.windows:
+            return
+        self._finish(trainer, pl_module)  # the validation right after an epoch's last batch, before its checkpoint
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit = self._fit
-        if fit is not None and fit.open is not None and fit.open.epoch == trainer.current_epoch:
+        if (
+            fit is not None
+            and fit.open is not None
+            and fit.open.epoch == trainer.current_epoch
+            and not self.config.windows
+        ):
             if fit.open.step is None:  # an epoch cut short (max_steps, a stop)
                 fit.open.step = loop.epoch_end_step(trainer, after_epoch_end=True)
             self._finish(trainer, pl_module)
@@ -315,7 +376,10 @@ class NeuralCollapseCallback(Callback):
 
     def _first_step_done(self, loss: Tensor | None) -> None:
         assert self._fit is not None
-        self._fit.finish_first_step(loss, self.config.label_getter, self.config.ignore_index)
+        fit = self._fit
+        fit.finish_first_step(loss, self.config.label_getter, self.config.ignore_index, shift=fit.shift_labels)
+        if fit.first_step is None and fit.shapes is not None:  # done: C is known
+            self._end.choose_classes(fit, fit.binding.model.device)  # type: ignore[arg-type]
 
     def _accumulate(self, fit: FitState, batch: Any) -> None:
         fit.accumulate(batch, lambda device, statistics: self._end.accumulator(fit, device, statistics=statistics))
@@ -335,3 +399,13 @@ class NeuralCollapseCallback(Callback):
 
 def _instances(trainer: Trainer) -> list[NeuralCollapseCallback]:
     return [cb for cb in trainer.callbacks if isinstance(cb, NeuralCollapseCallback)]  # type: ignore[attr-defined]
+
+
+def _shift_labels(model: LightningModule, option: bool | None) -> tuple[bool, str]:
+    """``shift_labels``, resolved: the option, else ``True`` for a Hugging Face ``*ForCausalLM`` model; and why."""
+    if option is not None:
+        return option, f"shift_labels={option}"
+    causal = next((type(m).__name__ for m in model.modules() if type(m).__name__.endswith("ForCausalLM")), None)
+    if causal is not None:
+        return True, f"automatic: `{causal}` is a Hugging Face causal LM, which shifts its labels inside its loss"
+    return False, "automatic: no Hugging Face *ForCausalLM in the model; set shift_labels=True if it shifts them"

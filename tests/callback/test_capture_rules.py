@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from toy import ToyClassifier, blobs
 
 from lightning_neural_collapse import NeuralCollapseCallback
-from lightning_neural_collapse.pipeline.capture import CaptureShapeError
+from lightning_neural_collapse.pipeline.samples import CaptureShapeError
 
 QUIET = toy.QUIET
 

@@ -61,7 +61,7 @@ def test_synced_equals_single_process(result: dict[str, Any]) -> None:
     single = result["single"]
     for synced in result["ranks"]:
         assert set(synced["metrics"]) == set(single["metrics"])
-        assert len(synced["metrics"]) == 12  # every key but NC4 (NCCMismatch's job)
+        assert len(synced["metrics"]) == 14  # every key but NC4 (NCCMismatch's job)
         for key, value in single["metrics"].items():
             assert math.isfinite(value)
             assert_close(synced["metrics"][key], value)

@@ -6,6 +6,7 @@ import torch
 
 from lightning_neural_collapse.functional import class_statistics, ncc_mismatch
 from lightning_neural_collapse.pipeline.accumulate import COUNT_KEYS, Accumulator, Reference
+from lightning_neural_collapse.pipeline.samples import samples_of
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,7 +24,7 @@ def test_counts_and_skipped_samples() -> None:
     labels = labels.clone()
     labels[2], labels[3] = 3, -1  # invalid (C) and ignored (-1)
     acc = Accumulator(3, 5, torch.device("cpu"), statistics=True)
-    acc.update(features, logits, labels)
+    acc.add(samples_of(features, logits), labels)
     counts = {key: int(value) for key, value in acc.local_counts().items()}
     assert list(counts) == list(COUNT_KEYS)
     keep = torch.ones(24, dtype=torch.bool)
@@ -46,7 +47,8 @@ def test_counts_and_skipped_samples() -> None:
 
 def test_counts_only_without_statistics() -> None:
     acc = Accumulator(3, 5, torch.device("cpu"), statistics=False)
-    acc.update(*_batch())
+    features, logits, labels = _batch()
+    acc.add(samples_of(features, logits), labels)
     assert acc.statistics is None and acc.ncc is None and int(acc.local_counts()["total"]) == 24
 
 
@@ -56,7 +58,7 @@ def test_the_previous_means_shift_the_statistics_and_give_lagged_nc4() -> None:
     reference = Reference(previous.means, previous.present)
     features, logits, labels = _batch()
     acc = Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=reference)
-    acc.update(features, logits, labels)
+    acc.add(samples_of(features, logits), labels)
     assert acc.statistics is not None and torch.equal(acc.statistics.shift, previous.means)
     assert not bool(acc.statistics.shift_from_data.any())
     counts = acc.local_counts()

@@ -9,13 +9,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_neural_collapse.pipeline.capture import (
     Binding,
-    CaptureShapeError,
     ClassifierNotFoundError,
     FeatureCapture,
     classifier_parameters,
     find_classifier,
-    rows_of,
 )
+from lightning_neural_collapse.pipeline.samples import CaptureShapeError
 
 
 class TimmBackbone(nn.Module):
@@ -65,25 +64,48 @@ def test_find_classifier() -> None:
         find_classifier(nn.Sequential(nn.Conv2d(3, 4, 1)))
 
 
-def test_rows_of_refuses_scores_per_position() -> None:
-    features, logits = rows_of(torch.zeros(2, 5, 1, 1), torch.zeros(2, 3, 1, 1))
-    assert features.shape == (2, 5) and logits.shape == (2, 3)
-    with pytest.raises(CaptureShapeError, match=r"\(2, 3, 4, 4\).*1x1-conv head.*`classifier=`.*`features=`"):
-        rows_of(torch.zeros(2, 5, 4, 4), torch.zeros(2, 3, 4, 4))
-    with pytest.raises(CaptureShapeError, match="`features=`"):
-        rows_of(torch.zeros(3, 5), torch.zeros(2, 3))
-
-
 def test_conv_head_before_pooling_is_an_error_naming_both_options() -> None:
-    conv = nn.Conv2d(8, 4, 1)
-    capture = FeatureCapture(conv, name="head")
-    capture.attach()
-    conv(torch.randn(2, 8, 5, 5))
-    with pytest.raises(CaptureShapeError, match=r"`head` outputs a tensor of shape \(2, 4, 5, 5\)"):
-        capture.take()
-    conv(torch.randn(2, 8, 1, 1))  # after pooling: one row per sample
-    taken = capture.take()
-    assert taken is not None and taken[1].shape == (2, 4)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+    binding = Binding(model, "1")
+    model(torch.randn(2, 8, 5, 5))
+    with pytest.raises(CaptureShapeError, match=r"`1` outputs a tensor of shape \(2, 4, 5, 5\)"):
+        binding.take()
+    model(torch.randn(2, 8, 1, 1))  # after pooling: one row per sample
+    taken = binding.take()
+    assert taken is not None and taken.features.shape == (2, 8) and taken.predictions.shape == (2,)
+
+
+class TiedLM(nn.Module):
+    """Embedding, a norm, and a head tied to the embedding; the head is skipped when ``fused`` (a fused loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+        self.fused = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(ids))
+        return h if self.fused else self.head(h)
+
+
+def test_tokens_weight_tying_and_a_fused_loss() -> None:
+    model = TiedLM()
+    binding = Binding(model, "head", "norm")
+    assert binding.tied_to() == "embed"
+    ids = torch.randint(0, 11, (3, 5))
+    model(ids)
+    tokens = binding.take()
+    assert tokens is not None and tokens.layout == (3, 5) and tokens.features.shape == (15, 6)
+    expected = model.head(model.norm(model.embed(ids))).reshape(15, 11).argmax(dim=1)
+    assert torch.equal(tokens.predictions, expected)
+    model.fused = True  # the head never runs: the decisions come from its weight
+    model(ids)
+    fused = binding.take()
+    assert fused is not None and fused.layout == (3, 5) and torch.equal(fused.predictions, expected)
+    assert Binding(nn.Sequential(nn.Linear(2, 3)), None).tied_to() is None
 
 
 def test_capture_counts_forwards_but_not_recomputes() -> None:
@@ -111,8 +133,8 @@ def test_binding_features_module_and_rebind() -> None:
     binding = Binding(model, None, "1")
     assert binding.name == "3" and binding.automatic
     model(torch.randn(2, 4))
-    taken = binding.capture.take()
-    assert taken is not None and taken[0].shape == (2, 6)  # features: the ReLU's output
+    taken = binding.take()
+    assert taken is not None and taken.features.shape == (2, 6)  # features: the ReLU's output
     binding.rebind("2")
     assert binding.name == "2" and not model[3]._forward_hooks and model[2]._forward_hooks
     binding.close()

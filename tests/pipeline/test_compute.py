@@ -18,8 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_neural_collapse.functional.collapse import geometry
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.compute import Agreement, ExactRun, LocalEpoch, RankGroup, agree, finish_epoch
+from lightning_neural_collapse.pipeline.samples import samples_of
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "finish_pool.py"
 
@@ -94,7 +96,7 @@ def test_exact_mode_aligns_buffers_and_sums_uneven_shards(pool: list[dict[str, A
 
 def _accumulator() -> Accumulator:
     acc = Accumulator(3, 2, torch.device("cpu"), statistics=True)
-    acc.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.eye(3), torch.tensor([0, 1, 1]))
+    acc.add(samples_of(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.eye(3)), torch.tensor([0, 1, 1]))
     return acc
 
 
@@ -110,7 +112,7 @@ def test_finish_epoch_on_one_process() -> None:
     acc = _accumulator()
     local = LocalEpoch(acc.local_counts(), None, acc.statistics, torch.device("cpu"))
     outcome = finish_epoch(
-        RankGroup(), local, decide=lambda agreed: True, exact=None, weights=lambda: None, global_mean="classes"
+        RankGroup(), local, decide=lambda agreed: True, exact=None, weights=lambda: None, measure=geometry
     )
     assert outcome.status == "measured" and outcome.counts["errors"] == 1 and outcome.counts["total"] == 3
     assert outcome.statistics is not None and outcome.statistics.counts.tolist() == [1.0, 2.0, 0.0]
@@ -126,7 +128,7 @@ def test_an_exception_in_local_work_becomes_the_failure() -> None:
 
     exact = ExactRun(broken, lambda means, present: (0, 0), nn.Identity())
     outcome = finish_epoch(
-        RankGroup(), local, decide=lambda agreed: True, exact=exact, weights=lambda: None, global_mean="classes"
+        RankGroup(), local, decide=lambda agreed: True, exact=exact, weights=lambda: None, measure=geometry
     )
     assert outcome.status == "skipped" and outcome.stage == "exact pass" and outcome.failure == "KeyError: 'input'"
     assert outcome.counts["total"] == 3  # the training steps' counts stay known

@@ -20,7 +20,7 @@ from torch.utils.data import (
 )
 
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
-from lightning_neural_collapse.pipeline.capture import FeatureCapture
+from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.exact import (
     ExactLoaderError,
     ExactMeasurement,
@@ -118,20 +118,19 @@ class TwoInputs(nn.Module):
 @pytest.mark.parametrize("kind", ["tensor", "tuple", "dict"])
 def test_the_pass_calls_the_model_as_the_input_asks(kind: str) -> None:
     model = TwoInputs().train()
-    capture = FeatureCapture(model.fc, name="fc")
-    capture.attach()
+    binding = Binding(model, "fc")
     getters = {
         "tensor": lambda batch: batch[0],
         "tuple": lambda batch: (batch[0], 2.0),
         "dict": lambda batch: {"x": batch[0], "scale": 2.0},
     }
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     running = model.body[2].running_mean.clone()
     batches = ExactPass(
-        model, DataLoader(DATA, batch_size=8), capture, LabelReader(None, 2, None), getters[kind], max_batches=2
-    ).run(lambda f, z, y: seen.append((f, z, y)))
-    assert batches == 2 and [len(y) for _, _, y in seen] == [8, 8]
+        model, DataLoader(DATA, batch_size=8), binding, LabelReader(None, 2, None), getters[kind], max_batches=2
+    ).run(lambda captured, y: seen.append((captured.features, y)))
+    assert batches == 2 and [len(y) for _, y in seen] == [8, 8]
     scale = 1.0 if kind == "tensor" else 2.0
     with torch.no_grad(), observing(model):
         expected = model.body(DATA.tensors[0][:8]) * scale
@@ -152,11 +151,10 @@ class Broken(Dataset):
 
 def test_measurement_runs_both_passes_and_propagates_failures() -> None:
     model = TwoInputs()
-    capture = FeatureCapture(model.fc, name="fc")
-    capture.attach()
+    binding = Binding(model, "fc")
 
     def new_pass(getter: Any = lambda batch: batch[0]) -> ExactPass:
-        return ExactPass(model, DataLoader(DATA, batch_size=8), capture, LabelReader(None, 2, None), getter)
+        return ExactPass(model, DataLoader(DATA, batch_size=8), binding, LabelReader(None, 2, None), getter)
 
     def accumulator(features: torch.Tensor) -> Accumulator:
         return Accumulator(2, 4, features.device, statistics=True)
@@ -175,11 +173,11 @@ def test_measurement_runs_both_passes_and_propagates_failures() -> None:
     with pytest.raises(TypeError):
         failing.statistics()
     dict_pass = ExactPass(
-        model, DataLoader(Broken(), batch_size=2), capture, LabelReader(None, 2, None), lambda batch: batch["image"]
+        model, DataLoader(Broken(), batch_size=2), binding, LabelReader(None, 2, None), lambda batch: batch["image"]
     )
-    assert dict_pass.run(lambda f, z, y: None) == 2
-    unhooked = FeatureCapture(nn.Linear(4, 2), name="other")
-    with pytest.raises(RuntimeError, match="`other` did not run"):
-        ExactPass(
-            model, DataLoader(DATA, batch_size=8), unhooked, LabelReader(None, 2, None), lambda batch: batch[0]
-        ).run(lambda f, z, y: None)
+    assert dict_pass.run(lambda captured, y: None) == 2
+    other = Binding(nn.Sequential(nn.Linear(4, 2)), "0")  # hooks on a module this model never calls
+    with pytest.raises(RuntimeError, match="`0` did not run"):
+        ExactPass(model, DataLoader(DATA, batch_size=8), other, LabelReader(None, 2, None), lambda batch: batch[0]).run(
+            lambda captured, y: None
+        )

@@ -32,7 +32,8 @@ def test_counted_samples_is_label_and_finiteness() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     labels = torch.tensor([0, 1, 1, -1, 2])
     assert counted_samples(labels, 2, features).tolist() == [True, True, False, False, False]
-    assert counted_samples(labels, 2, features, logits).tolist() == [True, False, False, False, False]
+    finite = torch.isfinite(logits).all(dim=1)
+    assert counted_samples(labels, 2, features, finite).tolist() == [True, False, False, False, False]
 
 
 def test_label_reader_reads_on_the_device_and_checks_once() -> None:
@@ -66,3 +67,22 @@ def test_call_model_by_input_kind() -> None:
     assert call_model(model, (2, 3)) == 6
     assert call_model(model, [2, 4]) == 8
     assert call_model(model, {"b": 5, "a": 1}) == 5
+
+
+def test_token_labels_are_shifted_and_masked() -> None:
+    labels = torch.tensor([[3, 1, 4, 1], [5, 9, -100, 6]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels, "attention_mask": mask}
+    shifted_reader = LabelReader(None, 10, -100, shift=True)
+    assert shifted_reader.read(batch, torch.device("cpu"), (2, 4)).tolist() == [1, 4, 1, -1, 9, -1, -1, -1]
+    aligned = LabelReader(None, 10, -100, shift=False)
+    assert aligned.read(batch, torch.device("cpu"), (2, 4)).tolist() == [3, 1, 4, 1, 5, 9, -1, -1]
+    no_mask = {"input_ids": labels, "labels": labels}
+    assert shifted_reader.read(no_mask, torch.device("cpu"), (2, 4)).tolist() == [1, 4, 1, -1, 9, -1, 6, -1]
+    with pytest.raises(BatchFormatError, match=r"token ids of shape \(2, 3\).*`label_getter=`.*`shift_labels=`"):
+        aligned.read(batch, torch.device("cpu"), (2, 3))
+    aligned.check(batch, (2, 4))
+    bad = {"labels": torch.tensor([[3, 12, 4, 1]])}
+    with pytest.raises(ClassCountError, match="label 12 is out of range for 10 classes"):
+        aligned.check(bad, (1, 4))
+    shifted_reader.check({"labels": torch.tensor([[12, 1, 2, 3]])}, (1, 4))  # 12 is no position's target

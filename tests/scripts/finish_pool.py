@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_neural_collapse.functional import class_statistics, ncc_mismatch
+from lightning_neural_collapse.functional.collapse import geometry
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.compute import (
     Agreement,
@@ -41,6 +42,7 @@ from lightning_neural_collapse.pipeline.compute import (
     RankGroup,
     finish_epoch,
 )
+from lightning_neural_collapse.pipeline.samples import samples_of
 
 CLASSES, DIM, SAMPLES = 4, 6, 90
 
@@ -64,7 +66,7 @@ def shard(rank: int) -> slice:
 def accumulator(features: Tensor, logits: Tensor, labels: Tensor) -> Accumulator:
     acc = Accumulator(CLASSES, DIM, torch.device("cpu"), statistics=True)
     for start in range(0, len(labels), 16):
-        acc.update(features[start : start + 16], logits[start : start + 16], labels[start : start + 16])
+        acc.add(samples_of(features[start : start + 16], logits[start : start + 16]), labels[start : start + 16])
     return acc
 
 
@@ -101,7 +103,7 @@ def run(rank: int, port: int, outdir: str) -> None:
             decided.append(agreed.counts)
             return due
 
-        outcome = finish_epoch(group, local, decide=decide, exact=exact, weights=lambda: None, global_mean="classes")
+        outcome = finish_epoch(group, local, decide=decide, exact=exact, weights=lambda: None, measure=geometry)
         results[name] = summary(outcome, decided)
 
     online = accumulator(features[mine], logits[mine], labels[mine])

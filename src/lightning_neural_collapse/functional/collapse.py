@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_neural_collapse.functional.nc1 import nc1, nc1_cdnv
-from lightning_neural_collapse.functional.nc2 import equiangular, equinorm, etf_distance, max_angle, pairwise_cosines
-from lightning_neural_collapse.functional.nc3 import self_duality, self_duality_cosine
+from lightning_neural_collapse.functional.nc1 import nc1
+from lightning_neural_collapse.functional.nc2 import equinorm
+from lightning_neural_collapse.functional.nc3 import cosine_cov, self_duality, self_duality_cosine
 from lightning_neural_collapse.functional.nc4 import ncc_mismatch
+from lightning_neural_collapse.functional.pairs import PairSums, pair_sums
 from lightning_neural_collapse.functional.statistics import (
     ClassStatistics,
     GlobalMean,
@@ -27,6 +29,7 @@ FEATURE_KEYS: tuple[str, ...] = (
     "nc2_equiangular_means",
     "nc2_maxangle_means",
     "nc2_etf_distance_means",
+    "nc2_log_energy_means",
 )
 """Keys computed from the features alone."""
 
@@ -37,6 +40,7 @@ CLASSIFIER_KEYS: tuple[str, ...] = (
     "nc2_etf_distance_weights",
     "nc3_self_duality",
     "nc3_cosine",
+    "nc3_cosine_cov",
 )
 """Keys that also need the classifier weight (NC4 aside)."""
 
@@ -48,6 +52,68 @@ def centred_class_means(stats: ClassStatistics, global_mean: GlobalMean = "class
     """``(C', D)`` float64 rows ``mu_c - mu_G`` of the ``C'`` present classes, in label order."""
     mu_g = _global_mean(stats.means, stats.counts, global_mean)
     return stats.means[stats.present] - mu_g
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What one look at the class means (and the classifier rows) gives: the metric ``values`` and the pair
+    reductions behind them (``means``, ``weights``: :class:`~lightning_neural_collapse.functional.pairs.PairSums`,
+    with the cosine histograms when bins were asked for)."""
+
+    values: dict[str, float]
+    means: PairSums | None = None
+    weights: PairSums | None = None
+
+
+def geometry(
+    stats: ClassStatistics,
+    weight: Tensor | None = None,
+    *,
+    global_mean: GlobalMean = "classes",
+    edges: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Geometry:
+    """Every key of SPEC.md but ``nc4_ncc_mismatch``, from per-class statistics, and the pair reductions.
+
+    One tiled pass over the Gram of the centred means (and one over the classifier rows) gives every pair metric
+    (:func:`~lightning_neural_collapse.functional.pairs.pair_sums`): nothing ``C x C`` is built. Only classes
+    with at least one sample take part; undefined keys are left out (see :func:`metrics_from_statistics`).
+
+    Args:
+        stats: per-class statistics.
+        weight: optional ``(C, D)`` classifier weight.
+        global_mean: ``"classes"`` or ``"sample"``.
+        edges: histogram bin edges for the pairwise cosines, or ``None``.
+        dtype: dtype of the Gram tiles (every sum is float64).
+    """
+    centred = centred_class_means(stats, global_mean)
+    means = pair_sums(centred, stats.variances[stats.present], edges=edges, dtype=dtype)
+    values: dict[str, float] = {
+        "nc1": nc1(stats.within_cov, centred),
+        "nc1_cdnv": means.cdnv(),
+        "nc2_equinorm_means": equinorm(centred),
+        "nc2_equiangular_means": means.equiangular(),
+        "nc2_maxangle_means": means.max_angle(),
+        "nc2_etf_distance_means": means.etf_distance(),
+        "nc2_log_energy_means": means.log_energy(),
+    }
+    weights = None
+    if weight is not None:
+        w = _check_weight(weight, stats.means.shape).to(torch.float64)[stats.present]
+        weights = pair_sums(w, edges=edges, dtype=dtype)
+        values.update(
+            {
+                "nc2_equinorm_weights": equinorm(w),
+                "nc2_equiangular_weights": weights.equiangular(),
+                "nc2_maxangle_weights": weights.max_angle(),
+                "nc2_etf_distance_weights": weights.etf_distance(),
+                "nc3_self_duality": self_duality(w, centred),
+                "nc3_cosine": self_duality_cosine(w, centred),
+                "nc3_cosine_cov": cosine_cov(w, centred),
+            }
+        )
+    finite = {key: value for key, value in values.items() if math.isfinite(value)}
+    return Geometry(finite, means, weights)
 
 
 def metrics_from_statistics(
@@ -67,30 +133,7 @@ def metrics_from_statistics(
     Returns:
         A dict from metric key to a dimensionless float.
     """
-    centred = centred_class_means(stats, global_mean)
-    cos_means = pairwise_cosines(centred)
-    values: dict[str, float] = {
-        "nc1": nc1(stats.within_cov, centred),
-        "nc1_cdnv": nc1_cdnv(centred, stats.variances[stats.present]),
-        "nc2_equinorm_means": equinorm(centred),
-        "nc2_equiangular_means": equiangular(centred, cos_means),
-        "nc2_maxangle_means": max_angle(centred, cos_means),
-        "nc2_etf_distance_means": etf_distance(centred),
-    }
-    if weight is not None:
-        w = _check_weight(weight, stats.means.shape).to(torch.float64)[stats.present]
-        cos_weights = pairwise_cosines(w)
-        values.update(
-            {
-                "nc2_equinorm_weights": equinorm(w),
-                "nc2_equiangular_weights": equiangular(w, cos_weights),
-                "nc2_maxangle_weights": max_angle(w, cos_weights),
-                "nc2_etf_distance_weights": etf_distance(w),
-                "nc3_self_duality": self_duality(w, centred),
-                "nc3_cosine": self_duality_cosine(w, centred),
-            }
-        )
-    return {key: value for key, value in values.items() if math.isfinite(value)}
+    return geometry(stats, weight, global_mean=global_mean).values
 
 
 def neural_collapse_metrics(

@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lightning_neural_collapse.functional.pairs import PairSums, pair_sums
+
 
 def nc1(within_cov: Tensor, centred_means: Tensor) -> float:
     """Papyan et al.'s NC1, ``Tr(Sigma_W Sigma_B^+) / C`` (dimensionless, 0 when collapsed).
@@ -19,7 +21,8 @@ def nc1(within_cov: Tensor, centred_means: Tensor) -> float:
     ``Sigma_B = M^T M / C`` with ``M`` the ``C x D`` matrix of centred class means (one row per class). From
     the thin SVD ``M = U S V^T``, ``Sigma_B^+ = C V S^{-2} V^T``, so ``NC1 = sum_i v_i^T Sigma_W v_i / s_i^2``:
     the SVD of the means (not an eigendecomposition of their Gram, which would square the condition number),
-    ``O(C D min(C, D) + D^2 k)`` time, no ``D x D`` inverse. The pseudo-inverse keeps only the top
+    ``O(C D min(C, D) + D^2 k)`` time, no ``D x D`` inverse; for ``C > D`` the SVD is that of the ``D x D`` ``R``
+    of a QR of the means, so no ``C x D`` factor is kept. The pseudo-inverse keeps only the top
     ``k <= min(C-1, D)`` singular values that also exceed ``max(C, D) * eps`` times the largest, so a rounding
     error in the global mean is never inverted; a ``RuntimeWarning`` says so when ``k < min(C-1, D)`` (two
     classes share a mean, or the means span fewer dimensions than ``C`` classes can).
@@ -52,6 +55,8 @@ def _mean_directions(centred_means: Tensor) -> tuple[Tensor | None, Tensor]:
     if full_rank < 1:
         return None, empty
     centred = centred_means.to(torch.float64)
+    if num_classes > dim:  # the R of a QR has the same singular values and right vectors: no C x D factor kept
+        centred = torch.linalg.qr(centred, mode="r")[1]
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
     singular, vh = singular[:full_rank], vh[:full_rank]
     largest = float(singular[0])
@@ -69,8 +74,11 @@ def _mean_directions(centred_means: Tensor) -> tuple[Tensor | None, Tensor]:
     return vh[:keep].T, singular[:keep]
 
 
-def nc1_cdnv(centred_means: Tensor, variances: Tensor) -> float:
+def nc1_cdnv(centred_means: Tensor, variances: Tensor, sums: PairSums | None = None) -> float:
     """Class-distance normalised variance, ``Avg_{c != c'} (var_c + var_c') / (2 ||mu_c - mu_c'||^2)``.
+
+    Streamed over tiles of the Gram of the means (:func:`~lightning_neural_collapse.functional.pairs.pair_sums`);
+    ``sums`` may pass its result when it is already at hand (with these variances).
 
     Args:
         centred_means: ``(C, D)`` class means (centring does not change the result), present classes only.
@@ -83,16 +91,4 @@ def nc1_cdnv(centred_means: Tensor, variances: Tensor) -> float:
         >>> nc1_cdnv(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([1.0, 3.0]))
         0.5
     """
-    num_classes = centred_means.shape[0]
-    if num_classes < 2:
-        return math.nan
-    means = centred_means.to(torch.float64)
-    var = variances.to(torch.float64)
-    sq_norms = means.square().sum(dim=1)
-    sq_dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * means @ means.T
-    off = ~torch.eye(num_classes, dtype=torch.bool, device=means.device)
-    sq_dist = sq_dist[off]
-    if not bool((sq_dist > 0).all()):
-        return math.nan
-    pair_var = (var[:, None] + var[None, :])[off]
-    return float((pair_var / (2.0 * sq_dist)).mean())
+    return (sums or pair_sums(centred_means, variances)).cdnv()

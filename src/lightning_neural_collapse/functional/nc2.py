@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_neural_collapse.functional.pairs import PairSums, pair_sums
+
 
 def equinorm(vectors: Tensor) -> float:
     """Coefficient of variation of the row norms, ``Std_c ||v_c|| / Avg_c ||v_c||`` (population Std).
@@ -31,7 +33,9 @@ def equinorm(vectors: Tensor) -> float:
 def pairwise_cosines(vectors: Tensor) -> Tensor:
     """Cosines between all ordered pairs of distinct rows, a float64 tensor of ``C (C - 1)`` values.
 
-    Rows of norm zero give ``nan`` cosines.
+    This one builds the ``C x C`` matrix: for small ``C`` (a look at the values). The metrics below stream over
+    tiles of it instead (:func:`~lightning_neural_collapse.functional.pairs.pair_sums`). Rows of norm zero give
+    ``nan`` cosines.
 
     Example:
         >>> pairwise_cosines(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])).tolist()
@@ -44,10 +48,10 @@ def pairwise_cosines(vectors: Tensor) -> Tensor:
     return cos[off]
 
 
-def equiangular(vectors: Tensor, cosines: Tensor | None = None) -> float:
+def equiangular(vectors: Tensor, sums: PairSums | None = None) -> float:
     """Population Std of the pairwise cosines, ``Std_{c != c'} cos(v_c, v_c')`` (paper's Fig. 3).
 
-    ``cosines`` may pass ``pairwise_cosines(vectors)`` when it is already at hand.
+    ``sums`` may pass ``pair_sums(vectors)`` when it is already at hand.
 
     Returns:
         A float (0 when all angles are equal); ``nan`` for fewer than two rows or a zero row.
@@ -56,16 +60,11 @@ def equiangular(vectors: Tensor, cosines: Tensor | None = None) -> float:
         >>> equiangular(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))  # cosines 0, -1, 0 (twice)
         0.4714045207910317
     """
-    cos = pairwise_cosines(vectors) if cosines is None else cosines
-    if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
-        return math.nan
-    return float(cos.std(correction=0))
+    return (sums or pair_sums(vectors)).equiangular()
 
 
-def max_angle(vectors: Tensor, cosines: Tensor | None = None) -> float:
+def max_angle(vectors: Tensor, sums: PairSums | None = None) -> float:
     """Mean distance of the pairwise cosines to the simplex value, ``Avg_{c != c'} |cos + 1/(C-1)|`` (Fig. 4).
-
-    ``cosines`` may pass ``pairwise_cosines(vectors)`` when it is already at hand.
 
     Returns:
         A float (0 when every pair is at the maximal angle); ``nan`` for fewer than two rows or a zero row.
@@ -74,14 +73,10 @@ def max_angle(vectors: Tensor, cosines: Tensor | None = None) -> float:
         >>> max_angle(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
         0.0
     """
-    num = vectors.shape[0]
-    cos = pairwise_cosines(vectors) if cosines is None else cosines
-    if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
-        return math.nan
-    return float((cos + 1.0 / (num - 1)).abs().mean())
+    return (sums or pair_sums(vectors)).max_angle()
 
 
-def etf_distance(vectors: Tensor) -> float:
+def etf_distance(vectors: Tensor, sums: PairSums | None = None) -> float:
     """Zhu et al.'s distance of the Gram matrix to a simplex ETF, ``|| G/||G||_F - (I - 11^T/C)/sqrt(C-1) ||_F``.
 
     ``G = V V^T`` for rows ``V``; the result lies in ``[0, 2]``.
@@ -93,14 +88,20 @@ def etf_distance(vectors: Tensor) -> float:
         >>> etf_distance(torch.tensor([[2.0, 0.0], [-2.0, 0.0]]))
         0.0
     """
-    num = vectors.shape[0]
-    if num < 2:
-        return math.nan
-    v = vectors.to(torch.float64)
-    gram = v @ v.T
-    scale = gram.norm()
-    if not float(scale) > 0:
-        return math.nan
-    eye = torch.eye(num, dtype=torch.float64, device=v.device)
-    target = (eye - 1.0 / num) / math.sqrt(num - 1)
-    return float((gram / scale - target).norm())
+    return (sums or pair_sums(vectors)).etf_distance()
+
+
+def log_energy(vectors: Tensor, sums: PairSums | None = None) -> float:
+    """GNC2, the hyperspherical energy: ``Avg_{c != c'} log(1 / ||u_c - u_c'||)`` of the unit rows ``u``.
+
+    Lower is more uniform on the sphere (Liu et al. 2023, used by Wu & Papyan 2024); a simplex ETF minimises it
+    for ``C <= D + 1``, where it equals ``-0.5 log(2 C / (C - 1))``.
+
+    Returns:
+        A float; ``nan`` for fewer than two rows or a zero row, ``inf`` for two rows with the same direction.
+
+    Example:
+        >>> round(log_energy(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])), 6)  # ||u - u'|| = 2
+        -0.693147
+    """
+    return (sums or pair_sums(vectors)).log_energy()

@@ -57,3 +57,24 @@ def self_duality_cosine(weight: Tensor, centred_means: Tensor) -> float:
     if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
         return math.nan
     return float(cos.mean())
+
+
+def cosine_cov(weight: Tensor, centred_means: Tensor) -> float:
+    """UNC3, uniform duality: ``Std_c cos(w_c, mu_c - mu_G) / Avg_c cos(w_c, mu_c - mu_G)`` (population Std).
+
+    Wu & Papyan (2024) find it a better sign of duality than NC3 for language models: it falls as the per-class
+    alignments become equal, whatever their level.
+
+    Returns:
+        A float (0 when every class is equally aligned); ``nan`` when there is no class, a zero row, or the mean
+        cosine is 0.
+
+    Example:
+        >>> round(cosine_cov(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])), 6)
+        0.171573
+    """
+    cos = classwise_cosines(weight, centred_means)
+    if cos.numel() == 0 or not bool(torch.isfinite(cos).all()):
+        return math.nan
+    mean = float(cos.mean())
+    return float(cos.std(correction=0)) / mean if mean != 0 else math.nan

@@ -18,10 +18,17 @@ class NearestClassCentre:
     against ``chunk_size`` classes per matrix product and keeps a running argmin, so nothing of size
     ``(B, C, D)``, and for large ``C`` nothing of size ``(B, C)``, is built. Ties go to the smallest label.
 
+    With ``search_dtype=torch.float32`` the products are float32 (several times faster) and keep the
+    ``candidates`` nearest classes of each sample; their distances are then recomputed exactly in float64 and the
+    nearest of them is chosen, so the decision is the float64 one unless more than ``candidates`` classes lie
+    within float32 rounding of the nearest. No host-device synchronisation either way.
+
     Args:
         means: ``(C, D)`` class means, one row per class label.
         present: optional ``(C,)`` boolean mask of the classes that may be chosen (default: all finite rows).
         chunk_size: classes per matrix product.
+        search_dtype: dtype of the chunked products (``torch.float64``: exact, no re-ranking).
+        candidates: classes re-ranked in float64 per sample (float32 search only).
 
     Example:
         >>> rule = NearestClassCentre(torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 0.0]]),
@@ -30,7 +37,14 @@ class NearestClassCentre:
         [1, 0]
     """
 
-    def __init__(self, means: Tensor, present: Tensor | None = None, chunk_size: int = DEFAULT_CLASS_CHUNK) -> None:
+    def __init__(
+        self,
+        means: Tensor,
+        present: Tensor | None = None,
+        chunk_size: int = DEFAULT_CLASS_CHUNK,
+        search_dtype: torch.dtype = torch.float64,
+        candidates: int = 4,
+    ) -> None:
         if means.ndim != 2:
             raise ValueError(f"means must have shape (num_classes, dim), got {tuple(means.shape)}")
         centre = means.detach().to(torch.float64)
@@ -39,12 +53,15 @@ class NearestClassCentre:
             mask = mask & present.to(device=mask.device, dtype=torch.bool)
         weight = mask.to(torch.float64)
         centre = torch.nan_to_num(centre)
-        centre_of_mass = (centre * weight[:, None]).sum(dim=0) / weight.sum().clamp(min=1.0)
-        self.centre_of_mass = centre_of_mass
-        self.centred = (centre - centre_of_mass) * weight[:, None]
+        self.centre_of_mass = (centre * weight[:, None]).sum(dim=0) / weight.sum().clamp(min=1.0)
+        self.centred = (centre - self.centre_of_mass) * weight[:, None]
         inf = torch.full((), float("inf"), dtype=torch.float64, device=centre.device)
         self.sq_norms = torch.where(mask, self.centred.square().sum(dim=1), inf)
         self.chunk_size = max(1, int(chunk_size))
+        self.search_dtype = search_dtype
+        self.candidates = max(1, min(int(candidates), self.centred.shape[0]))
+        self._search = self.centred.to(search_dtype)
+        self._search_norms = self.sq_norms.to(search_dtype)
 
     @property
     def num_classes(self) -> int:
@@ -56,15 +73,17 @@ class NearestClassCentre:
         if self.centred.device == torch.device(device):
             return self
         moved = object.__new__(NearestClassCentre)
-        moved.centre_of_mass = self.centre_of_mass.to(device)
-        moved.centred = self.centred.to(device)
-        moved.sq_norms = self.sq_norms.to(device)
-        moved.chunk_size = self.chunk_size
+        moved.__dict__.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()})
         return moved
 
     def predict(self, features: Tensor) -> Tensor:
         """``(N,)`` int64 labels of the nearest present class centre of each of the ``(N, D)`` features."""
         h = features.detach().to(self.centred.device, torch.float64) - self.centre_of_mass
+        if self.search_dtype == torch.float64:
+            return self._argmin(h)
+        return self._reranked(h)
+
+    def _argmin(self, h: Tensor) -> Tensor:
         best_value: Tensor | None = None
         best_index: Tensor | None = None
         for start in range(0, self.num_classes, self.chunk_size):
@@ -80,6 +99,26 @@ class NearestClassCentre:
                 best_index = torch.where(better, index, best_index)
         assert best_index is not None  # means has at least one row (checked by its shape)
         return best_index
+
+    def _reranked(self, h: Tensor) -> Tensor:
+        h_search = h.to(self.search_dtype)
+        k = self.candidates
+        kept_value: Tensor | None = None
+        kept_index: Tensor | None = None
+        for start in range(0, self.num_classes, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_classes)
+            dist = self._search_norms[start:stop][None, :] - 2.0 * (h_search @ self._search[start:stop].T)
+            value, index = dist.topk(min(k, stop - start), dim=1, largest=False)
+            index = index + start
+            if kept_value is not None and kept_index is not None:
+                value, index = torch.cat([kept_value, value], dim=1), torch.cat([kept_index, index], dim=1)
+                value, order = value.topk(min(k, value.shape[1]), dim=1, largest=False)
+                index = index.gather(1, order)
+            kept_value, kept_index = value, index
+        assert kept_index is not None
+        labels, _ = kept_index.sort(dim=1)  # so that an exact tie goes to the smallest label
+        exact = self.sq_norms[labels] - 2.0 * torch.einsum("nd,nkd->nk", h, self.centred[labels])
+        return labels.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
 
 
 def ncc_predictions(features: Tensor, means: Tensor, present: Tensor | None = None) -> Tensor:

@@ -39,11 +39,17 @@ class ClassificationError(SumStateMetric):
         of a counted sample, see :func:`~lightning_neural_collapse.pipeline.labels.counted_samples`).
         """
         logits = logits.detach().to(self.errors.device)
+        finite = torch.isfinite(logits).all(dim=1)
+        self.update_decisions(logits.argmax(dim=1), labels, finite if counted is None else counted & finite)
+
+    def update_decisions(self, predictions: Tensor, labels: Tensor, counted: Tensor | None = None) -> None:
+        """Like :meth:`update`, with the network's ``(B,)`` decisions ``argmax(logits)`` instead of its logits."""
+        predictions = predictions.detach().to(self.errors.device)
         labels = labels.detach().to(self.errors.device, torch.long)
-        valid = (labels >= 0) & (labels < self.num_classes) & torch.isfinite(logits).all(dim=1)
+        valid = (labels >= 0) & (labels < self.num_classes)
         if counted is not None:
             valid = valid & counted.to(valid.device)
-        self.errors += ((logits.argmax(dim=1) != labels) & valid).sum()
+        self.errors += ((predictions != labels) & valid).sum()
         self.total += valid.sum()
 
     def counts(self) -> tuple[int, int]:

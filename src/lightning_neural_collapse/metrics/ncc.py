@@ -22,6 +22,8 @@ class NCCMismatch(SumStateMetric):
     Args:
         means: ``(C, D)`` class means.
         present: optional ``(C,)`` mask of the classes the NCC rule may pick (default: all finite rows).
+        search_dtype: dtype of the distance products; float32 (default) searches fast and re-ranks a few
+            candidates in float64 (see :class:`~lightning_neural_collapse.functional.nc4.NearestClassCentre`).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -34,11 +36,13 @@ class NCCMismatch(SumStateMetric):
     mismatches: Tensor
     total: Tensor
 
-    def __init__(self, means: Tensor, present: Tensor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, means: Tensor, present: Tensor | None = None, search_dtype: torch.dtype = torch.float32, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if means.ndim != 2:
             raise ValueError(f"means must have shape (num_classes, dim), got {tuple(means.shape)}")
-        self.ncc = NearestClassCentre(means, present)
+        self.ncc = NearestClassCentre(means, present, search_dtype=search_dtype)
         self.add_state("mismatches", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -52,14 +56,21 @@ class NCCMismatch(SumStateMetric):
         (``(B,)`` bool) may leave samples out (ignored or invalid labels)."""
         if logits.ndim != 2 or logits.shape[0] != features.shape[0]:
             raise ValueError(f"logits must have shape ({features.shape[0]}, num_classes), got {tuple(logits.shape)}")
+        logits = logits.detach()
+        finite = torch.isfinite(logits).all(dim=1)
+        counted = finite if counted is None else counted.to(finite.device) & finite
+        self.update_decisions(features, logits.argmax(dim=1), counted)
+
+    def update_decisions(self, features: Tensor, predictions: Tensor, counted: Tensor | None = None) -> None:
+        """Like :meth:`update`, with the network's ``(B,)`` decisions ``argmax(logits)`` instead of its logits
+        (``counted``: which samples to count, for example those with finite logits)."""
         device = self.mismatches.device
         features = features.detach().to(device)
-        logits = logits.detach().to(device)
-        valid = torch.isfinite(features).all(dim=1) & torch.isfinite(logits).all(dim=1)
+        valid = torch.isfinite(features).all(dim=1)
         if counted is not None:
             valid = valid & counted.to(device)
         safe = torch.where(valid[:, None], features, torch.zeros((), dtype=features.dtype, device=device))
-        mismatch = logits.argmax(dim=1) != self.ncc.predict(safe)
+        mismatch = predictions.detach().to(device) != self.ncc.predict(safe)
         self.mismatches += (mismatch & valid).sum()
         self.total += valid.sum()
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_neural_collapse.functional.statistics import GlobalMean
 from lightning_neural_collapse.metrics import ClassificationError, NCCMismatch, NeuralCollapse
 from lightning_neural_collapse.pipeline.labels import counted_samples
+from lightning_neural_collapse.pipeline.samples import Captured
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,16 @@ class Accumulator:
         statistics: accumulate the per-class statistics (NC is measured from the training steps).
         reference: the previous measurement's means (the shift, and online NC4's centres), or ``None``.
         lagged_ncc: count NC4 against ``reference`` (online mode; the exact pass has its own NC4 pass).
+        subset: ``(C,)`` bool mask of the classes measured (``classes=``), or ``None`` for all: samples of other
+            classes are left out of the statistics and NC4 (they count in the training error).
         global_mean: see :class:`~lightning_neural_collapse.NeuralCollapse`.
         accumulate_dtype: dtype of the per-batch products.
         sum_dtype: dtype of the sums (float32 only on devices without float64).
 
     Example:
         >>> acc = Accumulator(2, 1, torch.device("cpu"), statistics=True)
-        >>> acc.update(torch.tensor([[1.0], [3.0], [float("nan")]]), torch.tensor([[2.0, 0.0]] * 3),
-        ...            torch.tensor([0, 1, 0]))
+        >>> acc.update(torch.tensor([[1.0], [3.0], [float("nan")]]), torch.tensor([0, 0, 0]),
+        ...            torch.tensor([True, True, True]), torch.tensor([0, 1, 0]))
         >>> {k: int(v) for k, v in acc.local_counts().items() if v}
         {'errors': 1, 'total': 2, 'nonfinite': 1}
     """
@@ -66,6 +69,7 @@ class Accumulator:
         statistics: bool,
         reference: Reference | None = None,
         lagged_ncc: bool = True,
+        subset: Tensor | None = None,
         global_mean: GlobalMean = "classes",
         accumulate_dtype: torch.dtype = torch.float64,
         sum_dtype: torch.dtype | None = None,
@@ -80,6 +84,7 @@ class Accumulator:
         self.ncc: NCCMismatch | None = None
         self.batches = 0
         """Batches added (a host-side counter)."""
+        self.subset = None if subset is None else subset.to(device=device, dtype=torch.bool)
         if statistics:
             self.statistics = new_statistics(
                 num_classes,
@@ -91,24 +96,36 @@ class Accumulator:
                 sum_dtype=sum_dtype,
             )
             if lagged_ncc and reference is not None and reference.fits(num_classes, dim):
-                self.ncc = NCCMismatch(reference.means.to(device), reference.present.to(device)).to(device)
+                present = reference.present.to(device)
+                if self.subset is not None:
+                    present = present & self.subset
+                self.ncc = NCCMismatch(reference.means.to(device), present).to(device)
 
-    def update(self, features: Tensor, logits: Tensor, labels: Tensor) -> None:
-        """Add one batch: ``(B, D)`` features, ``(B, C)`` logits and ``(B,)`` class indices (``-1`` ignored,
-        ``C`` invalid, see :func:`~lightning_neural_collapse.pipeline.labels.class_indices`)."""
+    def update(self, features: Tensor, predictions: Tensor, finite: Tensor, labels: Tensor) -> None:
+        """Add one batch: ``(N, D)`` features, the network's ``(N,)`` decisions and whether its logits are finite,
+        and ``(N,)`` class indices (``-1`` ignored, ``C`` invalid, see
+        :func:`~lightning_neural_collapse.pipeline.labels.class_indices`)."""
         features = features.to(self.device)
-        logits = logits.to(self.device)
+        predictions = predictions.to(self.device)
         labels = labels.to(self.device)
-        counted = counted_samples(labels, self.num_classes, features, logits)
+        counted = counted_samples(labels, self.num_classes, features, finite.to(self.device))
         labelled = (labels >= 0) & (labels < self.num_classes)
-        self.error.update(logits, labels, counted)
+        self.error.update_decisions(predictions, labels, counted)
         self.nonfinite += (labelled & ~counted).sum()
         self.bad_label += (labels == self.num_classes).sum()
+        if self.subset is not None:  # the measured classes only, from here on
+            measured = self.subset.index_select(0, labels.clamp(0, self.num_classes - 1)) & labelled
+            labels, counted = torch.where(measured, labels, -1), counted & measured
+            labelled = labelled & measured
         if self.statistics is not None:
             self.statistics.update(features, labels, finite_logits=counted | ~labelled)
         if self.ncc is not None:
-            self.ncc.update(features, logits, counted)
+            self.ncc.update_decisions(features, predictions, counted)
         self.batches += 1
+
+    def add(self, captured: Captured, labels: Tensor) -> None:
+        """:meth:`update` with the samples of one forward."""
+        self.update(captured.features, captured.predictions, captured.finite, labels)
 
     def local_counts(self) -> dict[str, Tensor]:
         """This rank's integer counts (``int64`` tensors on the device, keys :data:`COUNT_KEYS`); no sync."""

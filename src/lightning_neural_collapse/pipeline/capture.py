@@ -4,7 +4,7 @@ One forward hook per module, registered once before training; the hook only keep
 reference to the latest tensors, so it adds no computation, no host-device sync and no autograd
 state, stays correct when it fires twice per step (activation checkpointing) and works under
 ``torch.compile`` (hooks present at compile time are traced). The shapes are checked on every read
-(host metadata only): logits must be one row of class scores per sample.
+(host metadata only) when the samples are read (:mod:`~lightning_neural_collapse.pipeline.samples`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_neural_collapse.pipeline.samples import Captured, samples_from_weight, samples_of
+
 
 class ClassifierNotFoundError(ValueError):
     """No usable classifier layer; the message names the option to set."""
-
-
-class CaptureShapeError(ValueError):
-    """Captured tensors that are not one row per sample; the message names ``classifier=`` and ``features=``."""
 
 
 def find_classifier(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
@@ -150,23 +148,18 @@ class FeatureCapture:
         """Hold ``features`` and ``logits`` as if the hooks had captured them (for a re-bound classifier)."""
         self._features, self._logits = features.detach(), logits.detach()
 
-    def peek(self) -> tuple[Tensor, Tensor] | None:
+    def peek(self) -> tuple[Tensor, Tensor | None] | None:
         """Like :meth:`take`, but keeps the tensors (for a check before the training step has ended)."""
-        if self._features is None or self._logits is None:
+        if self._features is None:
             return None
-        return rows_of(self._features, self._logits, self.name)
+        return self._features, self._logits
 
-    def take(self) -> tuple[Tensor, Tensor] | None:
-        """``(features (B, D), logits (B, C))`` of the latest forward, then forget them; ``None`` if none ran.
-
-        Raises:
-            CaptureShapeError: when the logits are not one row of class scores per sample.
-        """
-        features, logits = self._features, self._logits
+    def take(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(features, logits)`` of the latest forward as the hooks saw them, then forget them; ``None`` if no
+        features were captured. The logits are ``None`` when only the features module ran (a fused loss)."""
+        captured = self.peek()
         self._features = self._logits = None
-        if features is None or logits is None:
-            return None
-        return rows_of(features, logits, self.name)
+        return captured
 
     def _classifier_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, Tensor):
@@ -230,39 +223,46 @@ class Binding:
         """The classifier's ``(C, D)`` weight and ``(C,)`` bias, see :func:`classifier_parameters`."""
         return classifier_parameters(self.module, num_classes, dim)
 
+    def peek(self) -> Captured | None:
+        """The samples of the latest forward (kept): see :meth:`take`."""
+        return self._samples(self.capture.peek())
+
+    def take(self) -> Captured | None:
+        """The samples of the latest forward, then forget them; ``None`` when nothing usable ran.
+
+        When the features module ran but the classifier did not (a fused linear-cross-entropy loss), the decisions
+        come from the classifier's weight (see :func:`~lightning_neural_collapse.pipeline.samples.samples_from_weight`).
+
+        Raises:
+            CaptureShapeError: for logits that are not one row of class scores per sample (or per position).
+        """
+        return self._samples(self.capture.take())
+
+    def tied_to(self) -> str | None:
+        """The dotted name of another module whose ``weight`` is the classifier's (weight tying), or ``None``."""
+        weight = getattr(self.module, "weight", None)
+        if not isinstance(weight, Tensor):
+            return None
+        for name, module in self.model.named_modules():
+            other = getattr(module, "weight", None)
+            if module is not self.module and isinstance(other, Tensor) and other is weight:
+                return name
+        return None
+
+    def _samples(self, raw: tuple[Tensor, Tensor | None] | None) -> Captured | None:
+        if raw is None:
+            return None
+        features, logits = raw
+        if logits is not None:
+            return samples_of(features, logits, self.name)
+        weight, bias = (_full(getattr(self.module, "weight", None)), _full(getattr(self.module, "bias", None)))
+        if weight is None or weight.ndim != 2 or weight.shape[1] != features.shape[-1]:
+            return None
+        return samples_from_weight(features, weight, bias if bias is not None and bias.ndim == 1 else None)
+
     def close(self) -> None:
         """Remove the hooks (idempotent)."""
         self.capture.remove()
-
-
-def rows_of(features: Tensor, logits: Tensor, name: str = "") -> tuple[Tensor, Tensor]:
-    """``(features (B, D), logits (B, C))``: features flattened after the batch dimension; logits of shape
-    ``(B, C)`` or ``(B, C, 1, ..., 1)``. Reads shapes only (no host-device sync).
-
-    Raises:
-        CaptureShapeError: for logits with spatial or sequence dimensions (``(B, C, H, W)`` with ``H * W > 1``),
-            or a batch size that differs between features and logits.
-
-    Example:
-        >>> f, z = rows_of(torch.zeros(4, 8, 1, 1), torch.zeros(4, 3, 1, 1))
-        >>> tuple(f.shape), tuple(z.shape)
-        ((4, 8), (4, 3))
-    """
-    label = f"`{name}`" if name else "the classifier"
-    if logits.ndim < 2 or any(size != 1 for size in logits.shape[2:]):
-        raise CaptureShapeError(
-            f"{label} outputs a tensor of shape {tuple(logits.shape)}, not one row of class scores per sample: "
-            "scores per position (a 1x1-conv head applied before pooling, a segmentation or a sequence model) "
-            "or no class dimension. Set `classifier=` to the module whose output is the (batch, classes) logits "
-            "(for example the pooling after a conv head), and `features=` to the module whose output is the "
-            "(batch, features) vector the logits are computed from."
-        )
-    if features.shape[0] != logits.shape[0]:
-        raise CaptureShapeError(
-            f"{label} saw {features.shape[0]} feature rows for {logits.shape[0]} logit rows; set `features=` to "
-            "the module whose output are the penultimate features of the same samples."
-        )
-    return features.flatten(1), logits.reshape(logits.shape[0], logits.shape[1])
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_neural_collapse.functional.collapse import metrics_from_statistics
-from lightning_neural_collapse.functional.statistics import ClassStatistics, GlobalMean
+from lightning_neural_collapse.functional.collapse import Geometry
+from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.metrics import NeuralCollapse
 
 
@@ -150,6 +150,7 @@ class EpochOutcome:
     statistics: ClassStatistics | None = None
     weight: Tensor | None = None
     values: dict[str, float] = field(default_factory=dict)
+    geometry: Geometry | None = None
     stage: str = ""
     failure: str | None = None
     failed_ranks: int = 0
@@ -162,7 +163,7 @@ def finish_epoch(
     decide: Callable[[Agreement], bool],
     exact: ExactRun | None,
     weights: Callable[[], Tensor | None],
-    global_mean: GlobalMean,
+    measure: Callable[[ClassStatistics, Tensor | None], Geometry],
 ) -> EpochOutcome:
     """Finish one epoch's measurement on every rank, in the documented order (module docstring).
 
@@ -173,7 +174,8 @@ def finish_epoch(
             every rank with the same input, so it must be deterministic (it is where TPT is decided).
         exact: exact mode's local passes, or ``None`` (online mode).
         weights: returns the ``(C, D)`` classifier weight, or ``None``; called on every rank.
-        global_mean: see :class:`~lightning_neural_collapse.NeuralCollapse`.
+        measure: the metrics of the reduced statistics and the weight (local, deterministic: for example
+            :func:`~lightning_neural_collapse.functional.collapse.geometry`).
     """
     steps = agree(group, local.failure, local.counts, local.device)
     if steps.failed:
@@ -185,7 +187,7 @@ def finish_epoch(
     if exact is None:
         if local.statistics is None:  # identical on every rank: the plan is
             return EpochOutcome("counted", steps.counts)
-        return _outcome(group, steps.counts, {}, local.statistics.statistics(), weights, global_mean)
+        return _outcome(steps.counts, {}, local.statistics.statistics(), weights, measure)
     with group.aligned(exact.model):
         failure, metric, pass_counts = _attempt(exact.statistics)
         first = agree(group, failure, pass_counts or _EMPTY_PASS, local.device)
@@ -202,7 +204,7 @@ def finish_epoch(
                 "skipped", steps.counts, stage="exact NC4 pass", failure=failure, failed_ranks=second.failed_ranks
             )
     exact_counts = {**first.counts, **second.counts}
-    return _outcome(group, steps.counts, exact_counts, stats, weights, global_mean)
+    return _outcome(steps.counts, exact_counts, stats, weights, measure)
 
 
 _EMPTY_PASS: dict[str, Tensor | int] = {"errors": 0, "total": 0, "nonfinite": 0, "bad_label": 0}
@@ -229,14 +231,12 @@ def _attempt_ncc(
 
 
 def _outcome(
-    group: RankGroup,
     counts: dict[str, int],
     exact_counts: dict[str, int],
     stats: ClassStatistics,
     weights: Callable[[], Tensor | None],
-    global_mean: GlobalMean,
+    measure: Callable[[ClassStatistics, Tensor | None], Geometry],
 ) -> EpochOutcome:
     weight = weights()  # every rank: a collective when the weight is sharded
-    del group
-    values = metrics_from_statistics(stats, weight, global_mean=global_mean)
-    return EpochOutcome("measured", counts, exact_counts, stats, weight, values)
+    geometry = measure(stats, weight)
+    return EpochOutcome("measured", counts, exact_counts, stats, weight, geometry.values, geometry=geometry)

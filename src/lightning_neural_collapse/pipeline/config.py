@@ -17,11 +17,13 @@ Mode = Literal["online", "exact"]
 Measure = Literal["always", "tpt"]
 GlobalMeanChoice = Literal["classes", "sample"]
 DtypeChoice = Literal["float64", "float32"]
+ClassSubset = Literal["frequent", "random"]
 
 MODES: tuple[str, ...] = ("online", "exact")
 MEASURES: tuple[str, ...] = ("always", "tpt")
 GLOBAL_MEANS: tuple[str, ...] = ("classes", "sample")
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+CLASS_SUBSETS: tuple[str, ...] = ("frequent", "random")
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,10 @@ class Config:
     label_getter: Callable[[Any], Any] | None = None
     input_getter: Callable[[Any], Any] | None = None
     exact_dataloader: Any = None
-    ignore_index: int | None = None
+    ignore_index: int | None = -100
+    shift_labels: bool | None = None
     every_n_epochs: int = 1
+    every_n_train_steps: int | None = None
     measure: Measure = "always"
     tpt_threshold: float = 0.0
     global_mean: GlobalMeanChoice = "classes"
@@ -53,12 +57,46 @@ class Config:
     log_histograms: bool = True
     log_figure: bool = True
     accumulate_dtype: DtypeChoice = "float64"
+    classes: int | tuple[int, ...] | None = None
+    classes_from: ClassSubset = "frequent"
+    classes_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
         _choice("measure", self.measure, MEASURES)
         _choice("global_mean", self.global_mean, GLOBAL_MEANS)
         _choice("accumulate_dtype", self.accumulate_dtype, tuple(DTYPES))
+        _choice("classes_from", self.classes_from, CLASS_SUBSETS)
+        if self.shift_labels is not None and not isinstance(self.shift_labels, bool):
+            raise MisconfigurationException(
+                f"`shift_labels` must be True, False or None (automatic), got {self.shift_labels!r}"
+            )
+        steps = self.every_n_train_steps
+        if steps is not None and (not _is_int(steps) or steps < 1):
+            raise MisconfigurationException(f"`every_n_train_steps` must be a positive integer or None, got {steps!r}")
+        if steps is not None and self.mode != "online":
+            raise MisconfigurationException(
+                "`every_n_train_steps` measures windows of training steps from the steps' own features: it needs "
+                "`mode='online'` (the exact pass is per epoch: use `every_n_epochs`)"
+            )
+        if steps is not None and self.every_n_epochs != 1:
+            raise MisconfigurationException(
+                "set `every_n_train_steps` (windows) or `every_n_epochs` (epochs), not both"
+            )
+        subset = self.classes
+        if subset is not None:
+            if isinstance(subset, (list, tuple)):
+                if len(subset) < 2 or not all(_is_int(c) and c >= 0 for c in subset) or len(set(subset)) < len(subset):
+                    raise MisconfigurationException(
+                        f"`classes` must be a number of classes (>= 2) or a list of distinct class ids, got {subset!r}"
+                    )
+                object.__setattr__(self, "classes", tuple(int(c) for c in subset))
+            elif not _is_int(subset) or subset < 2:
+                raise MisconfigurationException(
+                    f"`classes` must be a number of classes (>= 2) or a list of distinct class ids, got {subset!r}"
+                )
+        if not _is_int(self.classes_seed):
+            raise MisconfigurationException(f"`classes_seed` must be an integer, got {self.classes_seed!r}")
         if not _is_int(self.every_n_epochs) or self.every_n_epochs < 1:
             raise MisconfigurationException(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs!r}")
         if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
@@ -91,6 +129,11 @@ class Config:
                     "`exact_dataloader` must be a DataLoader or a function with no argument returning one, "
                     f"got {self.exact_dataloader!r}"
                 )
+
+    @property
+    def windows(self) -> bool:
+        """Whether the unit of measurement is a window of training steps (``every_n_train_steps``), not an epoch."""
+        return self.every_n_train_steps is not None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -41,8 +41,11 @@ class WarnOnce:
         warnings.warn(rank_prefixed_message(message, rank), RuntimeWarning, stacklevel=3)
 
 
-def epoch_warnings(outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str) -> list[tuple[str, str]]:
-    """``(key, message)`` pairs for what the measurement of ``epoch`` left out.
+def epoch_warnings(
+    outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str, subset: bool = False
+) -> list[tuple[str, str]]:
+    """``(key, message)`` pairs for what the measurement of ``epoch`` left out (``subset``: ``classes=`` leaves
+    classes out on purpose, so absent ones are not warned about).
 
     Example:
         >>> outcome = EpochOutcome("counted", {"nonfinite": 3, "bad_label": 0})
@@ -84,7 +87,7 @@ def epoch_warnings(outcome: EpochOutcome, epoch: int, num_classes: int, prefix: 
                 "the means and NC3 need two classes and are not logged. Check the data or `label_getter=`.",
             )
         )
-    elif absent:
+    elif absent and not subset:
         shown = f"{absent[:10]}{'...' if len(absent) > 10 else ''}"
         found.append(
             (

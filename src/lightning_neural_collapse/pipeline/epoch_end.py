@@ -17,7 +17,10 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
+from lightning_neural_collapse.functional.collapse import Geometry, geometry
+from lightning_neural_collapse.functional.pairs import COSINE_EDGES
 from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.pipeline import diagnostics as say
 from lightning_neural_collapse.pipeline import loop
@@ -61,9 +64,11 @@ class EpochEnd:
         return (self.config.input_getter or default_input_getter)(batch)
 
     def plan(self, trainer: Trainer) -> EpochPlan:
-        """What the training steps of the epoch starting now accumulate."""
+        """What the training steps of the unit (epoch or window) starting now accumulate."""
         if self.config.mode == "exact":
             return EpochPlan(statistics=False, standby=False)
+        if self.config.windows:  # every window is measured (once TPT has begun, with measure="tpt")
+            return EpochPlan(statistics=self.config.measure == "always" or self.saved.tpt.started, standby=False)
         epoch, limits = trainer.current_epoch, loop.limits(trainer)
         return self.schedule.online_plan(epoch, limits, tpt_started=self.saved.tpt.started)
 
@@ -78,10 +83,38 @@ class EpochEnd:
             statistics=statistics,
             reference=self.saved.reference,
             lagged_ncc=lagged,
+            subset=fit.subset,
             global_mean=config.global_mean,
             accumulate_dtype=config.dtype,
             sum_dtype=config.dtype if device.type == "mps" else None,  # MPS has no float64
         )
+
+    def choose_classes(self, fit: FitState, device: torch.device) -> None:
+        """Fix the measured classes of ``classes=`` once ``C`` is known: a list as given, ``k`` random ones drawn
+        with ``classes_seed``, or (``"frequent"``) the ``k`` most frequent of an earlier measurement of this run.
+
+        Raises:
+            MisconfigurationException: for a class id that is not below ``C``.
+        """
+        wanted, shapes = self.config.classes, fit.shapes
+        if wanted is None or shapes is None:
+            return
+        num_classes = shapes.num_classes
+        if isinstance(wanted, tuple):
+            if max(wanted) >= num_classes:
+                raise MisconfigurationException(
+                    f"`classes` lists class {max(wanted)}, but the classifier has {num_classes} classes"
+                )
+            chosen: list[int] | None = list(wanted)
+        elif self.config.classes_from == "random":
+            generator = torch.Generator().manual_seed(self.config.classes_seed)
+            chosen = torch.randperm(num_classes, generator=generator)[: min(wanted, num_classes)].tolist()
+        else:
+            chosen = self.saved.subset  # None until a first measurement of all classes
+        if chosen is not None:
+            mask = torch.zeros(num_classes, dtype=torch.bool)
+            mask[torch.tensor(chosen, dtype=torch.long)] = True
+            fit.subset = mask.to(device)
 
     def finish(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> None:
         """Finish the open epoch of ``fit`` on every rank: reduce, measure, commit and report."""
@@ -103,7 +136,17 @@ class EpochEnd:
             if not fit.exact_measured:
                 raise MisconfigurationException(say.exact_failure(outcome.stage, outcome.failure, outcome.failed_ranks))
             self._warn_failure(fit, outcome, epoch.epoch)
-        record = build_record(outcome, epoch.epoch, step, exact=exact, partial=epoch.partial)
+        record = build_record(
+            outcome,
+            epoch.epoch,
+            step,
+            exact=exact,
+            partial=epoch.partial,
+            unit_key=self.saved.unit_key,
+            current_epoch=epoch.current_epoch,
+        )
+        if self.config.classes is not None and outcome.statistics is not None:
+            record["classes_measured"] = float(outcome.statistics.present.sum())
         self._commit(trainer, pl_module, fit, record, outcome)
         if epoch.plan.standby and epoch.accumulator is not None:
             fit.held = epoch  # measured if the fit ends with this epoch
@@ -131,8 +174,13 @@ class EpochEnd:
             decide=decide,
             exact=self._exact(trainer, pl_module, fit).run() if exact and shapes is not None else None,
             weights=lambda: fit.binding.parameters(shapes.num_classes, shapes.dim)[0] if shapes else None,
-            global_mean=self.config.global_mean,
+            measure=self._measure,
         )
+
+    def _measure(self, stats: ClassStatistics, weight: Tensor | None) -> Geometry:
+        """Every metric of the reduced statistics, and the cosine histograms when they are logged."""
+        edges = COSINE_EDGES if self.config.log_histograms else None
+        return geometry(stats, weight, global_mean=self.config.global_mean, edges=edges, dtype=self.config.dtype)
 
     def _exact(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> ExactMeasurement:
         assert fit.shapes is not None and fit.labels is not None
@@ -151,7 +199,7 @@ class EpochEnd:
             return ExactPass(
                 pl_module,
                 fit.exact_loader,
-                fit.binding.capture,
+                fit.binding,
                 labels,
                 self.input_getter,
                 to_device=trainer.strategy.batch_to_device,
@@ -175,18 +223,26 @@ class EpochEnd:
         record: dict[str, float],
         outcome: EpochOutcome,
     ) -> None:
-        saved, epoch = self.saved, int(record["epoch"])
+        saved, epoch = self.saved, int(record[self.saved.unit_key])
         started = saved.tpt.epoch == epoch
-        if started:
-            record["tpt_epoch"] = epoch
+        if started:  # windows: the step of the window's end; epochs: the epoch
+            record["tpt_step" if self.config.windows else "tpt_epoch"] = (
+                record["step"] if self.config.windows else epoch
+            )
         saved.commit(record)
         fit.last_finished = epoch
         if outcome.statistics is not None:
             saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
             fit.last_measured, fit.exact_measured = epoch, fit.exact_measured or self.config.mode == "exact"
+            wanted = self.config.classes
+            if isinstance(wanted, int) and self.config.classes_from == "frequent" and saved.subset is None:
+                counts = outcome.statistics.counts
+                saved.subset = sorted(torch.argsort(counts, descending=True, stable=True)[:wanted].tolist())
+                self.choose_classes(fit, counts.device)
         if started:
+            unit = f"window {epoch} (step {record['step']})" if self.config.windows else f"epoch {epoch}"
             rank_zero_info(
-                f"NeuralCollapseCallback: the Terminal Phase of Training begins at epoch {epoch} "
+                f"NeuralCollapseCallback: the Terminal Phase of Training begins at {unit} "
                 f"(training error {record.get('train_error', 0.0):.4g} <= {saved.tpt.threshold})."
             )
             try:
@@ -197,17 +253,19 @@ class EpochEnd:
                     f"NeuralCollapseCallback: on_tpt_start raised {err!r}; TPT stays recorded and training goes on.",
                 )
         if fit.shapes is not None:
-            for key, message in say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix):
+            subset = self.config.classes is not None
+            for key, message in say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix, subset):
                 fit.warn(key, message)
         self.reporter.scalars(trainer, record)
-        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]))
+        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]), outcome.geometry)
 
     def measure_last_epoch(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> None:
         """At the end of the fit, measure the last epoch reached if the schedule did not (every rank)."""
         last = self.saved.history[-1] if self.saved.history else None
-        if last is None or int(last["epoch"]) != fit.last_finished or fit.last_measured == fit.last_finished:
+        key = self.saved.unit_key
+        if last is None or int(last[key]) != fit.last_finished or fit.last_measured == fit.last_finished:
             return
-        epoch_index = int(last["epoch"])
+        epoch_index = int(last[key])
         allowed = self.config.measure == "always" or (
             self.saved.tpt.epoch is not None and self.saved.tpt.epoch <= epoch_index
         )
@@ -224,7 +282,7 @@ class EpochEnd:
         last.update(new)
         self.saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
         self.reporter.scalars(trainer, {"step": last["step"], **new})
-        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]))
+        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
 
     def _warn_failure(self, fit: FitState, outcome: EpochOutcome, epoch: int) -> None:
         if outcome.failure:  # this rank's own cause, on this rank

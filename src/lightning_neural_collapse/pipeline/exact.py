@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 
 from lightning_neural_collapse.metrics import NCCMismatch, NeuralCollapse
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
-from lightning_neural_collapse.pipeline.capture import FeatureCapture
+from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import ExactRun
 from lightning_neural_collapse.pipeline.labels import LabelReader, call_model
+from lightning_neural_collapse.pipeline.samples import Captured
 
-Consumer = Callable[[Tensor, Tensor, Tensor], None]
+Consumer = Callable[[Captured, Tensor], None]
 
 
 class ExactLoaderError(ValueError):
@@ -134,7 +135,7 @@ class ExactPass:
     Args:
         model: the LightningModule (called directly, never through the DDP wrapper).
         loader: the batches (from :func:`exact_loader`).
-        capture: the classifier's :class:`~lightning_neural_collapse.pipeline.capture.FeatureCapture`.
+        binding: the classifier's :class:`~lightning_neural_collapse.pipeline.capture.Binding` (its hooks).
         labels: reads class indices from a batch.
         input_getter: ``batch -> model input`` (a tensor, a tuple of positional or a dict of keyword arguments).
         to_device: moves a batch to the model's device (``trainer.strategy.batch_to_device``).
@@ -146,7 +147,7 @@ class ExactPass:
         self,
         model: nn.Module,
         loader: Iterable[Any],
-        capture: FeatureCapture,
+        binding: Binding,
         labels: LabelReader,
         input_getter: Callable[[Any], Any],
         *,
@@ -156,7 +157,7 @@ class ExactPass:
     ) -> None:
         self.model = model
         self.loader = loader
-        self.capture = capture
+        self.binding = binding
         self.labels = labels
         self.input_getter = input_getter
         self.to_device = to_device
@@ -164,23 +165,24 @@ class ExactPass:
         self.max_batches = max_batches
 
     def run(self, consume: Consumer) -> int:
-        """Run the pass (model in eval mode, no gradients, RNG and train/eval flags restored afterwards);
-        returns the number of batches. Exceptions of the model or of the getters propagate."""
+        """Run the pass (model in eval mode, no gradients, RNG and train/eval flags restored afterwards), handing
+        each batch's samples and class indices to ``consume``; returns the number of batches. Exceptions of the
+        model or of the getters propagate."""
         batches = 0
+        capture = self.binding.capture
         with observing(self.model), self.context():
             for batch in self.loader:
                 if self.max_batches is not None and batches >= self.max_batches:
                     break
                 batch = self.to_device(batch)
-                self.capture.clear()
+                capture.clear()
                 call_model(self.model, self.input_getter(batch))
-                captured = self.capture.take()
+                captured = self.binding.take()
                 if captured is None:
-                    raise RuntimeError(f"the classifier `{self.capture.name}` did not run in the model's forward")
-                features, logits = captured
-                consume(features, logits, self.labels.read(batch, features.device))
+                    raise RuntimeError(f"the classifier `{self.binding.name}` did not run in the model's forward")
+                consume(captured, self.labels.read(batch, captured.features.device, captured.layout))
                 batches += 1
-        self.capture.clear()
+        capture.clear()
         return batches
 
 
@@ -219,11 +221,11 @@ class ExactMeasurement:
         """Pass 1: the statistics metric and the pass's counts (errors, samples, skipped)."""
         acc: Accumulator | None = None
 
-        def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
+        def consume(captured: Captured, labels: Tensor) -> None:
             nonlocal acc
             if acc is None:
-                acc = self.new_accumulator(features)
-            acc.update(features, logits, labels)
+                acc = self.new_accumulator(captured.features)
+            acc.add(captured, labels)
 
         self.new_pass().run(consume)
         if acc is None:  # an empty shard: take part with nothing
@@ -235,8 +237,9 @@ class ExactMeasurement:
         """Pass 2: ``(mismatches, samples)`` of NC4 against ``means``."""
         metric = NCCMismatch(means, present).to(means.device)
 
-        def consume(features: Tensor, logits: Tensor, labels: Tensor) -> None:
-            metric.update(features, logits, (labels >= 0) & (labels < self.num_classes))
+        def consume(captured: Captured, labels: Tensor) -> None:
+            counted = (labels >= 0) & (labels < self.num_classes) & captured.finite
+            metric.update_decisions(captured.features, captured.predictions, counted)
 
         self.new_pass().run(consume)
         return metric.mismatches, metric.total

@@ -24,16 +24,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_neural_collapse.pipeline.capture import Binding
-from lightning_neural_collapse.pipeline.labels import BatchFormatError, ClassCountError, LabelReader
+from lightning_neural_collapse.pipeline.labels import BatchFormatError, ClassCountError, LabelReader, needs_layout
 from lightning_neural_collapse.pipeline.probe import FinalLayerProbe
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """What the first forward tells: ``num_classes`` (``C``, logits per sample) and ``dim`` (``D``)."""
+    """What the first forward tells: ``num_classes`` (``C``, logits per sample), ``dim`` (``D``) and whether every
+    position of a sequence is a sample (``tokens``)."""
 
     num_classes: int
     dim: int
+    tokens: bool = False
 
 
 class FirstStep:
@@ -51,6 +53,8 @@ class FirstStep:
         input_getter: in exact mode, the function that reads the model input from a batch; else ``None``.
         probe: whether to watch the step with a :class:`FinalLayerProbe` (automatic, uncompiled classifiers).
         warn: ``(key, message) -> None``, for warnings once per fit.
+        shift_labels: for token samples, whether the target of position ``t`` is ``labels[:, t + 1]``.
+        shift_reason: why (said in an info message when the model turns out to give token samples).
     """
 
     def __init__(
@@ -63,8 +67,12 @@ class FirstStep:
         input_getter: Callable[[Any], Any] | None,
         probe: bool,
         warn: Callable[[str, str], None],
+        shift_labels: bool = False,
+        shift_reason: str = "",
     ) -> None:
         self.binding = binding
+        self.shift_labels = shift_labels
+        self.shift_reason = shift_reason
         self.num_classes_option = num_classes
         self.label_getter = label_getter
         self.ignore_index = ignore_index
@@ -92,7 +100,9 @@ class FirstStep:
         if self.probe is not None:
             self.probe.start()
         try:
-            self._check_labels(self.expected_classes)  # known from the option or the layer: before the forward
+            self._check_labels(
+                self.expected_classes, early=True
+            )  # known from the option or the layer: before the forward
         except ClassCountError:
             if self.probe is None:
                 raise  # else the probe may find that another layer is the classifier: checked after the forward
@@ -109,12 +119,17 @@ class FirstStep:
             if self.probe is not None:
                 self.probe.stop()
             self.probe = None
-        captured = self.binding.capture.peek()
+        captured = self.binding.peek()
         if captured is None:
             return None
-        features, logits = captured
-        shapes = self._shapes(features.shape[1], logits.shape[1])
-        self._check_labels(shapes.num_classes)
+        shapes = self._shapes(captured.features.shape[1], captured.num_classes, captured.layout is not None)
+        if shapes.tokens:
+            rank_zero_info(
+                f"NeuralCollapseCallback: `{self.binding.name}` gives one output per position of a {captured.layout} "
+                f"(batch, positions) sequence: every position is a sample (a token). shift_labels={self.shift_labels} "
+                f"({self.shift_reason})."
+            )
+        self._check_labels(shapes.num_classes, captured.layout)
         self.batch = None
         return shapes
 
@@ -164,7 +179,7 @@ class FirstStep:
             f"{reason}, so `{old}` is taken for a projection or auxiliary head. Set `classifier=` to choose."
         )
 
-    def _shapes(self, dim: int, num_classes: int) -> Shapes:
+    def _shapes(self, dim: int, num_classes: int, tokens: bool) -> Shapes:
         name = self.binding.name
         option = self.num_classes_option
         if option is not None and num_classes != option:
@@ -177,13 +192,19 @@ class FirstStep:
                 f"the classifier `{name}` outputs {num_classes} value(s) per sample; Neural Collapse needs a "
                 "multi-class classifier. Set `classifier=` to the layer producing the logits."
             )
-        return Shapes(num_classes=num_classes, dim=dim)
+        return Shapes(num_classes=num_classes, dim=dim, tokens=tokens)
 
-    def _check_labels(self, num_classes: int | None) -> None:
+    def _check_labels(
+        self, num_classes: int | None, layout: tuple[int, int] | None = None, *, early: bool = False
+    ) -> None:
         if num_classes is None or self.labels_checked or self.batch is None:
             return
+        reader = LabelReader(self.label_getter, num_classes, self.ignore_index, shift=self.shift_labels)
         try:
-            LabelReader(self.label_getter, num_classes, self.ignore_index).check(self.batch)
+            targets = reader.getter(self.batch)
+            if early and needs_layout(targets):
+                return  # (batch, positions) labels: a sequence model's, checked once its output is known
+            reader.check(self.batch, layout, targets)
         except ClassCountError as err:  # say where the number of classes comes from
             option = self.num_classes_option is not None
             source = "`num_classes`" if option else f"the outputs of `{self.binding.name}`"

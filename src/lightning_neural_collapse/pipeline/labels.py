@@ -192,10 +192,10 @@ def check_targets(targets: Any, num_classes: int, ignore_index: int | None) -> N
         )
 
 
-def counted_samples(labels: Tensor, num_classes: int, features: Tensor, logits: Tensor | None = None) -> Tensor:
+def counted_samples(labels: Tensor, num_classes: int, features: Tensor, finite_logits: Tensor | None = None) -> Tensor:
     """``(B,)`` bool: the samples every metric measures, the one definition used everywhere. A sample counts
     when its class index (from :func:`class_indices`) lies in ``[0, num_classes)`` and its features (and
-    logits, when given) are finite. No host-device synchronisation.
+    logits, as ``finite_logits`` says) are finite. No host-device synchronisation.
 
     Example:
         >>> feats = torch.tensor([[1.0], [float("nan")], [2.0], [3.0]])
@@ -203,36 +203,116 @@ def counted_samples(labels: Tensor, num_classes: int, features: Tensor, logits: 
         [True, False, False, False]
     """
     keep = (labels >= 0) & (labels < num_classes) & torch.isfinite(features).all(dim=1).to(labels.device)
-    if logits is not None:
-        keep = keep & torch.isfinite(logits).all(dim=1).to(labels.device)
+    if finite_logits is not None:
+        keep = keep & finite_logits.to(labels.device)
     return keep
+
+
+def token_positions(batch: Any, layout: tuple[int, int], shift: bool) -> Tensor | None:
+    """``(B, T)`` bool: the positions of a sequence batch that have a target, from its ``attention_mask`` (a position
+    counts when its input token is real and, with ``shift``, so is the next one); ``None`` without a mask."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != layout:
+        return None
+    real = mask.to(torch.bool)
+    if shift:
+        real = real & torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
+    return real
+
+
+def shifted(labels: Tensor, shift: bool) -> Tensor:
+    """``(B, T)`` targets: with ``shift``, position ``t`` gets ``labels[:, t + 1]`` (the Hugging Face causal-LM
+    convention) and the last position a copy of its own label, which :func:`token_positions` or the caller marks
+    as having no target.
+
+    Example:
+        >>> shifted(torch.tensor([[5, 6, 7]]), True).tolist(), shifted(torch.tensor([[5, 6, 7]]), False).tolist()
+        ([[6, 7, 7]], [[5, 6, 7]])
+    """
+    if not shift:
+        return labels
+    return torch.cat([labels[:, 1:], labels[:, -1:]], dim=1)
 
 
 class LabelReader:
     """Labels of a batch as class indices, on the features' device, for a fixed number of classes.
 
+    For the token samples of a sequence model (``layout = (B, T)``) the labels are ``(B, T)`` token ids, shifted
+    by one position when ``shift`` (Hugging Face causal LMs shift inside their loss; the last position then has
+    no target), with the positions outside the batch's ``attention_mask`` left out.
+
     Args:
         getter: ``batch -> labels`` (default :func:`default_label_getter`).
         num_classes: ``C``.
         ignore_index: a label value that marks samples to leave out, or ``None``.
+        shift: for token samples, whether the target of position ``t`` is ``labels[:, t + 1]``.
 
     Example:
         >>> reader = LabelReader(None, num_classes=3, ignore_index=-100)
         >>> reader.read((torch.zeros(3, 2), torch.tensor([2, -100, 7])), torch.device("cpu")).tolist()
         [2, -1, 3]
+        >>> tokens = {"input_ids": torch.zeros(1, 4), "labels": torch.tensor([[0, 1, 2, -100]]),
+        ...           "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+        >>> LabelReader(None, 3, -100, shift=True).read(tokens, torch.device("cpu"), layout=(1, 4)).tolist()
+        [1, 2, -1, -1]
     """
 
-    def __init__(self, getter: Callable[[Any], Any] | None, num_classes: int, ignore_index: int | None) -> None:
+    def __init__(
+        self, getter: Callable[[Any], Any] | None, num_classes: int, ignore_index: int | None, shift: bool = False
+    ) -> None:
         self.getter = getter or default_label_getter
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.shift = shift
 
-    def read(self, batch: Any, device: torch.device) -> Tensor:
-        """``(B,)`` int64 class indices: ``-1`` for ``ignore_index``, ``num_classes`` for an invalid target
-        (see :func:`class_indices`); no host-device synchronisation."""
-        labels = class_indices(self.getter(batch), self.num_classes, self.ignore_index)
+    def read(
+        self, batch: Any, device: torch.device, layout: tuple[int, int] | None = None, targets: Any = None
+    ) -> Tensor:
+        """``(N,)`` int64 class indices: ``-1`` for ``ignore_index`` (and positions without a target),
+        ``num_classes`` for an invalid target (see :func:`class_indices`); no host-device synchronisation.
+        ``targets`` may pass ``getter(batch)`` when it is at hand (the getter is called once per batch)."""
+        targets = self.getter(batch) if targets is None else targets
+        if layout is None:
+            labels = class_indices(targets, self.num_classes, self.ignore_index)
+            return labels.to(device, non_blocking=True)
+        if not isinstance(targets, Tensor) or tuple(targets.shape) != layout or targets.is_floating_point():
+            raise BatchFormatError(self._token_message(targets, layout))
+        tokens = shifted(targets.long(), self.shift)
+        labels = class_indices(tokens.reshape(-1), self.num_classes, self.ignore_index)
+        has_target = token_positions(batch, layout, self.shift)
+        if has_target is None and self.shift:
+            has_target = torch.ones(layout, dtype=torch.bool, device=tokens.device)
+            has_target[:, -1] = False
+        if has_target is not None:
+            labels = torch.where(has_target.reshape(-1).to(labels.device), labels, -1)
         return labels.to(device, non_blocking=True)
 
-    def check(self, batch: Any) -> None:
-        """Validate one batch on the host (the first of a fit); raises :class:`BatchFormatError`."""
-        check_targets(self.getter(batch), self.num_classes, self.ignore_index)
+    def check(self, batch: Any, layout: tuple[int, int] | None = None, targets: Any = None) -> None:
+        """Validate one batch on the host (the first of a fit); raises :class:`BatchFormatError`. ``targets`` may
+        pass ``getter(batch)`` when it is at hand."""
+        targets = self.getter(batch) if targets is None else targets
+        if layout is None:
+            check_targets(targets, self.num_classes, self.ignore_index)
+            return
+        labels = self.read(batch, torch.device("cpu"), layout, targets)
+        bad = labels == self.num_classes
+        if bool(bad.any()):
+            flat = shifted(targets.long(), self.shift).reshape(-1).cpu()
+            check_targets(flat[bad.cpu()], self.num_classes, self.ignore_index)  # raises, naming the option
+
+    def _token_message(self, targets: Any, layout: tuple[int, int]) -> str:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        return (
+            f"the classifier gives one output per position of a {layout} (batch, positions) sequence, so the labels "
+            f"must be integer token ids of shape {layout} (or -100 where there is no target), got {shape}. Pass "
+            "`label_getter=` (batch -> (batch, positions) labels); `shift_labels=` says whether position t is "
+            "labelled by labels[:, t] or, as in Hugging Face causal LMs, by labels[:, t + 1]."
+        )
+
+
+def needs_layout(targets: Any) -> bool:
+    """Whether ``targets`` can only be checked once the output's layout is known: ``(B, T)`` integer labels of a
+    sequence model (a classifier would refuse them as multi-label targets; a ``(B, 1)`` column is checked at once)."""
+    return (
+        isinstance(targets, Tensor) and targets.ndim == 2 and targets.shape[1] > 1 and not targets.is_floating_point()
+    )

@@ -26,11 +26,12 @@ from torch import Tensor
 from lightning_neural_collapse.functional.collapse import NC4_KEY
 from lightning_neural_collapse.pipeline import diagnostics as say
 from lightning_neural_collapse.pipeline.accumulate import COUNT_KEYS, Accumulator, Reference
-from lightning_neural_collapse.pipeline.capture import Binding, CaptureShapeError
+from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import EpochOutcome, LocalEpoch
 from lightning_neural_collapse.pipeline.diagnostics import WarnOnce
 from lightning_neural_collapse.pipeline.first_step import FirstStep, Shapes
 from lightning_neural_collapse.pipeline.labels import LabelReader
+from lightning_neural_collapse.pipeline.samples import CaptureShapeError
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
 from lightning_neural_collapse.tpt import TPTDetector
 
@@ -55,10 +56,14 @@ class SavedState:
         ([{'epoch': 0, 'step': 7, 'train_error': 0.1}], 0)
     """
 
-    def __init__(self, tpt_threshold: float) -> None:
+    def __init__(self, tpt_threshold: float, unit_key: str = "epoch") -> None:
+        self.unit_key = unit_key
+        """The record key of the unit of measurement: ``"epoch"``, or ``"window"`` with ``every_n_train_steps``."""
         self.history: list[dict[str, float]] = []
         self.tpt = TPTDetector(tpt_threshold)
         self.reference: Reference | None = None
+        self.subset: list[int] | None = None
+        """The classes measured when ``classes=`` chose them from the data (``classes_from="frequent"``)."""
         self.finished_epoch: int | None = None
         self.restored = False
         """Whether :meth:`load_state_dict` ran since the last fit (the next fit continues that run)."""
@@ -68,6 +73,7 @@ class SavedState:
         self.history = []
         self.tpt = TPTDetector(self.tpt.threshold)
         self.reference = None
+        self.subset = None
         self.finished_epoch = None
 
     def finished(self, epoch: int) -> bool:
@@ -77,7 +83,7 @@ class SavedState:
     def commit(self, record: dict[str, float]) -> None:
         """Append an epoch's record and mark the epoch finished."""
         self.history.append(record)
-        self.finished_epoch = int(record["epoch"])
+        self.finished_epoch = int(record[self.unit_key])
 
     def mark_finished(self, epoch: int) -> None:
         """Mark ``epoch`` finished without a record (it was skipped)."""
@@ -86,7 +92,7 @@ class SavedState:
     def record(self, epoch: int) -> dict[str, float] | None:
         """The history record of ``epoch``, or ``None``."""
         for row in reversed(self.history):
-            if int(row["epoch"]) == epoch:
+            if int(row[self.unit_key]) == epoch:
                 return row
         return None
 
@@ -100,6 +106,7 @@ class SavedState:
             "reference_means": None if reference is None else reference.means,
             "reference_present": None if reference is None else reference.present,
             "finished_epoch": self.finished_epoch,
+            "subset": self.subset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -110,22 +117,26 @@ class SavedState:
         self.reference = Reference(means, present) if means is not None and present is not None else None
         finished = state.get("finished_epoch")
         if finished is None and self.history:
-            finished = int(self.history[-1]["epoch"])
+            finished = int(self.history[-1][self.unit_key])
         self.finished_epoch = finished
+        self.subset = state.get("subset")
         self.restored = True
 
 
 @dataclass
 class OpenEpoch:
-    """The epoch whose training steps are being accumulated on this rank.
+    """The unit of measurement (an epoch, or a window of training steps) being accumulated on this rank.
 
     Attributes:
-        epoch: ``trainer.current_epoch``.
+        epoch: the unit's index: ``trainer.current_epoch``, or the window index ``global_step // K`` with
+            ``every_n_train_steps=K``.
         plan: what online mode accumulates (see :class:`~lightning_neural_collapse.pipeline.schedule.EpochPlan`).
-        partial: opened at a batch index other than 0 (resumed mid-epoch): its first batches are missing.
+        partial: opened after its start (resumed mid-epoch or mid-window): its first batches are missing.
         accumulator: the sums, allocated at the first batch whose shapes are known.
         failure: why a batch could not be measured, or ``None``.
-        step: the logging step of the epoch's end, set when its last training batch has ended.
+        step: the logging step of the unit's end, set when its last training batch has ended (windows: after
+            every batch).
+        current_epoch: ``trainer.current_epoch`` at the unit's last batch (for windows' records).
     """
 
     epoch: int
@@ -134,6 +145,7 @@ class OpenEpoch:
     accumulator: Accumulator | None = None
     failure: str | None = None
     step: int | None = None
+    current_epoch: int = 0
 
     def local(self, device: torch.device, *, statistics: bool) -> LocalEpoch:
         """What this rank brings to :func:`~lightning_neural_collapse.pipeline.compute.finish_epoch`: its counts
@@ -151,6 +163,7 @@ class FitState:
 
     Attributes:
         binding: the classifier hooks.
+        shift_labels: for token samples, whether position ``t``'s target is ``labels[:, t + 1]``.
         first_step: the pending first-step checks, ``None`` once done.
         shapes: ``C`` and ``D``, known after the first forward.
         labels: reads class indices, once ``C`` is known.
@@ -158,11 +171,13 @@ class FitState:
         open: the epoch being accumulated.
         held: online mode's standby epoch: measured only if the fit ends with it.
         exact_measured: an exact pass succeeded in this fit (before that, a failing pass is an error).
+        subset: the ``(C,)`` mask of the classes measured (``classes=``), once chosen.
         last_finished: the latest epoch this fit recorded, and ``last_measured`` the latest it measured NC in.
         warn: the warnings of this fit (each once).
     """
 
     binding: Binding
+    shift_labels: bool = False
     first_step: FirstStep | None = None
     shapes: Shapes | None = None
     labels: LabelReader | None = None
@@ -170,11 +185,14 @@ class FitState:
     open: OpenEpoch | None = None
     held: OpenEpoch | None = None
     exact_measured: bool = False
+    subset: Tensor | None = None
     last_finished: int | None = None
     last_measured: int | None = None
     warn: WarnOnce = field(default_factory=WarnOnce)
 
-    def finish_first_step(self, loss: Any, label_getter: Callable[[Any], Any] | None, ignore_index: int | None) -> None:
+    def finish_first_step(
+        self, loss: Any, label_getter: Callable[[Any], Any] | None, ignore_index: int | None, shift: bool = False
+    ) -> None:
         """Run the pending first-step checks after a forward (they raise on a wrong configuration); once they know
         the shapes, the labels can be read and the first step is done."""
         assert self.first_step is not None
@@ -182,7 +200,7 @@ class FitState:
         if shapes is None:
             return  # the classifier did not run: check again at the next step
         self.first_step, self.shapes = None, shapes
-        self.labels = LabelReader(label_getter, shapes.num_classes, ignore_index)
+        self.labels = LabelReader(label_getter, shapes.num_classes, ignore_index, shift=shift)
         if self.binding.parameters(shapes.num_classes, shapes.dim)[0] is None:
             self.warn("no-weight", say.no_weight(self.binding.name, shapes.num_classes, shapes.dim))
 
@@ -196,22 +214,22 @@ class FitState:
         if epoch is None or epoch.failure is not None:
             return
         try:
-            captured = capture.take()
+            calls = capture.calls
+            captured = self.binding.take()
             if captured is None:
                 self.warn("no-forward", say.no_forward(self.binding.name))
                 return
-            if capture.calls > 1:
-                self.warn("forwards", say.several_forwards(self.binding.name, capture.calls))
+            if calls > 1:
+                self.warn("forwards", say.several_forwards(self.binding.name, calls))
             if self.shapes is None or self.labels is None:
                 return
-            features, logits = captured
-            labels = self.labels.read(batch, features.device)
-            if labels.shape[0] != features.shape[0]:
-                self.warn("batch-size", say.batch_size_mismatch(labels.shape[0], features.shape[0]))
+            labels = self.labels.read(batch, captured.features.device, captured.layout)
+            if labels.shape[0] != captured.num_samples:
+                self.warn("batch-size", say.batch_size_mismatch(labels.shape[0], captured.num_samples))
                 return
             if epoch.accumulator is None:
-                epoch.accumulator = new_accumulator(features.device, epoch.plan.accumulates)
-            epoch.accumulator.update(features, logits, labels)
+                epoch.accumulator = new_accumulator(captured.features.device, epoch.plan.accumulates)
+            epoch.accumulator.add(captured, labels)
         except Exception as err:  # after the first step's checks, never stop the run
             epoch.failure = str(err) if isinstance(err, CaptureShapeError) else f"{type(err).__name__}: {err}"
             self.warn("batch-error", say.batch_error(epoch.epoch, epoch.failure))
@@ -223,10 +241,20 @@ class FitState:
         self.binding.close()
 
 
-def build_record(outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, partial: bool) -> dict[str, float]:
+def build_record(
+    outcome: EpochOutcome,
+    epoch: int,
+    step: int,
+    *,
+    exact: bool,
+    partial: bool,
+    unit_key: str = "epoch",
+    current_epoch: int | None = None,
+) -> dict[str, float]:
     """An epoch's history record from its :class:`~lightning_neural_collapse.pipeline.compute.EpochOutcome`.
 
-    Keys: ``epoch``, ``step`` (the logging step of the epoch's end), ``train_error`` (the training steps'
+    Keys: ``epoch`` (for windows: ``window``, with ``epoch`` the trainer's epoch at its end), ``step`` (the
+    logging step of the unit's end), ``train_error`` (the training steps'
     error; absent for a partial epoch), ``skipped_samples`` (left out of the training steps' counts), and
     when measured the metric values, NC4 (``nc4_ncc_mismatch`` from the exact pass,
     ``nc4_ncc_mismatch_prev_means`` online) and, in exact mode, ``train_error_eval`` and
@@ -239,7 +267,9 @@ def build_record(outcome: EpochOutcome, epoch: int, step: int, *, exact: bool, p
         {'epoch': 3, 'step': 31, 'train_error': 0.25, 'skipped_samples': 0.0}
     """
     counts = outcome.counts
-    record: dict[str, float] = {"epoch": epoch, "step": step}
+    record: dict[str, float] = {unit_key: epoch, "step": step}
+    if unit_key != "epoch" and current_epoch is not None:
+        record = {unit_key: epoch, "epoch": current_epoch, "step": step}
     if not partial and counts.get("total", 0) > 0:
         record["train_error"] = counts["errors"] / counts["total"]
     record["skipped_samples"] = float(counts.get("nonfinite", 0) + counts.get("bad_label", 0))

@@ -6,10 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from lightning_neural_collapse.functional.etf_deviation import Binned
 from lightning_neural_collapse.reporting._common import finite_array, finite_float, warn_once
 from lightning_neural_collapse.reporting.capabilities import experiment_of, histogram_kind
 
@@ -43,24 +45,48 @@ def _binned(name: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return clipped, edges
 
 
-def _quantiles(prefix: str, name: str, values: np.ndarray) -> dict[str, float]:
-    levels = np.quantile(values, [q for _, q in _QUANTILES])
+def _quantiles(prefix: str, name: str, values: np.ndarray | Binned) -> dict[str, float]:
+    if isinstance(values, Binned):  # from the cumulative counts: to the resolution of a bin
+        counts = values.counts.detach().cpu().to(torch.float64).numpy()
+        edges = values.edges.detach().cpu().to(torch.float64).numpy()
+        cumulative = np.concatenate([[0.0], np.cumsum(counts)]) / max(float(counts.sum()), 1.0)
+        levels = np.interp([q for _, q in _QUANTILES], cumulative, edges)
+        levels[0], levels[-1] = values.min, values.max
+    else:
+        levels = np.quantile(values, [q for _, q in _QUANTILES])
     return {f"{prefix}/{name}_{label}": float(v) for (label, _), v in zip(_QUANTILES, levels, strict=True)}
 
 
-def _add_tensorboard(logger: Any, arrays: dict[str, np.ndarray], prefix: str, step: int) -> None:
+def _add_tensorboard(logger: Any, arrays: dict[str, np.ndarray | Binned], prefix: str, step: int) -> None:
     experiment = experiment_of(logger)
     for name, values in arrays.items():
-        clipped, edges = _binned(name, values)
-        experiment.add_histogram(f"{prefix}/hist/{name}", clipped, global_step=step, bins=edges)
+        tag = f"{prefix}/hist/{name}"
+        if isinstance(values, Binned):
+            experiment.add_histogram_raw(
+                tag,
+                min=values.min,
+                max=values.max,
+                num=values.total,
+                sum=values.sum,
+                sum_squares=values.sum_sq,
+                bucket_limits=values.edges[1:].tolist(),
+                bucket_counts=values.counts.tolist(),
+                global_step=step,
+            )
+        else:
+            clipped, edges = _binned(name, values)
+            experiment.add_histogram(tag, clipped, global_step=step, bins=edges)
 
 
-def _wandb_histograms(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
+def _wandb_histograms(arrays: dict[str, np.ndarray | Binned], prefix: str) -> dict[str, Any]:
     import wandb  # lazily: an optional dependency
 
     histograms = {}
     for name, values in arrays.items():
-        counts, edges = np.histogram(*_binned(name, values))
+        if isinstance(values, Binned):
+            counts, edges = values.counts.cpu().numpy(), values.edges.cpu().numpy()
+        else:
+            counts, edges = np.histogram(*_binned(name, values))
         histograms[f"{prefix}/hist/{name}"] = wandb.Histogram(np_histogram=(counts, edges))
     return histograms
 
@@ -68,12 +94,16 @@ def _wandb_histograms(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, A
 @rank_zero_only
 def log_histograms(
     loggers: Sequence[Logger],
-    values: Mapping[str, Tensor],
+    values: Mapping[str, Tensor | Binned],
     step: int,
     prefix: str = "nc",
     ideal: Mapping[str, float] | None = None,
 ) -> None:
     """Log each entry of ``values`` as a histogram tagged ``f"{prefix}/hist/{name}"``; returns nothing.
+
+    An entry is a tensor of values, or :class:`~lightning_neural_collapse.functional.etf_deviation.Binned` counts
+    (the pairwise cosines, already binned; their quantile scalars are read off the bins, and they get no
+    ``_gap``, which is ``nc2_maxangle_*`` exactly).
 
     TensorBoard gets ``add_histogram`` with fixed linear bins (see :func:`bin_edges`), W&B a
     ``wandb.Histogram``. Loggers without histograms (CSV, MLflow, ...) get the scalars
@@ -94,14 +124,24 @@ def log_histograms(
         {'nc/cosines_means_gap': 0.1, 'nc/cosines_means_min': -0.6, 'nc/cosines_means_q25': -0.55,
          'nc/cosines_means_median': -0.5, 'nc/cosines_means_q75': -0.45, 'nc/cosines_means_max': -0.4}
     """
-    arrays = {name: array for name, tensor in values.items() if (array := finite_array(tensor)).size}
+    arrays: dict[str, np.ndarray | Binned] = {
+        name: value for name, value in values.items() if isinstance(value, Binned) and value.total > 0
+    }
+    arrays.update(
+        {
+            name: array
+            for name, tensor in values.items()
+            if not isinstance(tensor, Binned)
+            if (array := finite_array(tensor)).size
+        }
+    )
     if not arrays:
         return
     gaps: dict[str, float] = {}
-    for name, array in arrays.items():
+    for name, entry in arrays.items():
         target = finite_float(ideal.get(name)) if ideal is not None else None
-        if target is not None:
-            gaps[f"{prefix}/{name}_gap"] = float(np.abs(array - target).mean())
+        if target is not None and not isinstance(entry, Binned):
+            gaps[f"{prefix}/{name}_gap"] = float(np.abs(entry - target).mean())
     for logger in loggers:
         scalars: dict[str, Any] = dict(gaps)
         kind = histogram_kind(logger)
@@ -115,8 +155,8 @@ def log_histograms(
                 warn_once(logger, "histograms", err)
                 kind = None
         if kind is None:
-            for name, array in arrays.items():
-                scalars.update(_quantiles(prefix, name, array))
+            for name, entry in arrays.items():
+                scalars.update(_quantiles(prefix, name, entry))
         if scalars:
             try:
                 logger.log_metrics(scalars, step=step)

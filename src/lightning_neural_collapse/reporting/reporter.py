@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_neural_collapse.functional.collapse import Geometry
 from lightning_neural_collapse.functional.etf_deviation import etf_deviation, ideal_values
 from lightning_neural_collapse.functional.statistics import ClassStatistics, GlobalMean
 from lightning_neural_collapse.reporting.capabilities import run_dir
@@ -28,7 +29,7 @@ from lightning_neural_collapse.reporting.figures import log_figure, plot_history
 from lightning_neural_collapse.reporting.histograms import log_histograms
 from lightning_neural_collapse.reporting.scalars import log_scalars
 
-_NOT_SCALARS = ("epoch", "step")
+_NOT_SCALARS = ("epoch", "step", "window")
 
 
 class Reporter:
@@ -63,11 +64,19 @@ class Reporter:
         trainer.callback_metrics.update(metrics)  # float64: monitors score the logged value itself
         log_scalars(trainer.loggers, scalars, int(record["step"]))
 
-    def distributions(self, trainer: Any, stats: ClassStatistics | None, weight: Tensor | None, step: int) -> None:
-        """The ETF-deviation histograms of a measurement (rank 0)."""
+    def distributions(
+        self,
+        trainer: Any,
+        stats: ClassStatistics | None,
+        weight: Tensor | None,
+        step: int,
+        geometry: Geometry | None = None,
+    ) -> None:
+        """The ETF-deviation histograms of a measurement (rank 0); ``geometry`` holds the cosine histograms of the
+        measurement's own pair pass, when it counted them."""
         if stats is None or not self.histograms or not trainer.is_global_zero:
             return
-        values = etf_deviation(stats, weight, global_mean=self.global_mean)
+        values = etf_deviation(stats, weight, global_mean=self.global_mean, geometry=geometry)
         ideal = ideal_values(int(stats.present.sum()))
         log_histograms(trainer.loggers, values, step, prefix=self.prefix, ideal=ideal)
 
