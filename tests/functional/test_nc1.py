@@ -21,10 +21,10 @@ def _means(singular: list[float], dim: int = 10, seed: int = 0) -> tuple[torch.T
     return u @ torch.diag(torch.tensor(singular, dtype=torch.float64)) @ v.T, v
 
 
-def test_ill_conditioned_means_keep_every_direction() -> None:
-    """Singular values down to 1e-9 of the largest: an eigendecomposition of the Gram (1e-18) would drop the last
-    direction below its tolerance and miss almost all of NC1; the SVD keeps it."""
-    singular = [1.0, 1e-3, 1e-9]
+def test_ill_conditioned_means_keep_full_precision() -> None:
+    """Singular values down to 1e-6 of the largest: the Gram's eigenvalue 1e-12 is kept by the tolerance, but an
+    eigendecomposition of the Gram gets it only to about 2e-16 absolute (1e-4 relative); the SVD to full precision."""
+    singular = [1.0, 1e-3, 1e-6]
     means, v = _means(singular)
     g = torch.Generator().manual_seed(1)
     a = torch.randn(10, 10, generator=g).double()
@@ -33,8 +33,14 @@ def test_ill_conditioned_means_keep_every_direction() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # full rank: no warning
         assert nc1(within, means) == pytest.approx(expected, rel=1e-6)
-    gram_eigenvalues = torch.linalg.eigvalsh(means @ means.T)
-    assert float(gram_eigenvalues[-3] / gram_eigenvalues[-1]) < 1e-15  # what the Gram route would have dropped
+    # the route it replaces, an eigendecomposition of the C x C Gram, loses the small direction's digits
+    eigenvalues, vectors = torch.linalg.eigh(means @ means.T)
+    directions = vectors[:, -3:].T @ means
+    gram_route = float((((directions @ within) * directions).sum(dim=1) / eigenvalues[-3:].square()).sum())
+    assert abs(gram_route / expected - 1) > 1e-5
+    dropped = _means([1.0, 1e-3, 1e-9])[0]  # below the tolerance: inverted no more, and said so
+    with pytest.warns(RuntimeWarning, match="span only 2 of"):
+        assert math.isfinite(nc1(within, dropped))
 
 
 def test_a_short_rank_is_warned_and_not_inverted() -> None:

@@ -23,9 +23,11 @@ def nc1(within_cov: Tensor, centred_means: Tensor) -> float:
     the SVD of the means (not an eigendecomposition of their Gram, which would square the condition number),
     ``O(C D min(C, D) + D^2 k)`` time, no ``D x D`` inverse; for ``C > D`` the SVD is that of the ``D x D`` ``R``
     of a QR of the means, so no ``C x D`` factor is kept. The pseudo-inverse keeps only the top
-    ``k <= min(C-1, D)`` singular values that also exceed ``max(C, D) * eps`` times the largest, so a rounding
-    error in the global mean is never inverted; a ``RuntimeWarning`` says so when ``k < min(C-1, D)`` (two
-    classes share a mean, or the means span fewer dimensions than ``C`` classes can).
+    ``k <= min(C-1, D)`` singular values whose squares (the eigenvalues of ``Sigma_B``, up to ``1/C``) also exceed
+    ``max(C, D) * eps`` times the largest, so a rounding error in the global mean is never inverted; a
+    ``RuntimeWarning`` says so when ``k < min(C-1, D)`` (two classes share a mean, or the means span fewer
+    dimensions than ``C`` classes can, as after a LayerNorm without bias). The SVD gives the kept directions
+    to full precision, where an eigendecomposition of the Gram would lose half the digits of the small ones.
 
     Args:
         within_cov: ``(D, D)`` within-class covariance ``Sigma_W``.
@@ -62,7 +64,8 @@ def _mean_directions(centred_means: Tensor) -> tuple[Tensor | None, Tensor]:
     largest = float(singular[0])
     if not largest > 0:
         return None, empty
-    keep = int((singular > largest * max(num_classes, dim) * torch.finfo(torch.float64).eps).sum())
+    # SPEC.md's tolerance is on the eigenvalues of Sigma_B, the squared singular values
+    keep = int((singular.square() > largest**2 * max(num_classes, dim) * torch.finfo(torch.float64).eps).sum())
     if keep < full_rank:
         warnings.warn(
             f"NC1: the centred means of the {num_classes} classes span only {keep} of the min(C-1, D) = "
