@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint typecheck bench clean
+.PHONY: install test demo demo-lm lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits.py
+
+# A tiny GPT on the text of Python's own help pages, measured every 20 training steps.
+demo-lm: $(STAMP)
+	$(BIN)/python examples/language_model.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks

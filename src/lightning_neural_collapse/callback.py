@@ -350,7 +350,8 @@ class NeuralCollapseCallback(Callback):
             self._finish(trainer, pl_module)
         self._end.measure_last_epoch(trainer, pl_module, self._fit)
         title = f"Neural Collapse ({self.config.mode} mode)"
-        self.figure_path = self.reporter.final_figure(trainer, self.history, self.tpt_epoch, title)
+        tpt = self.tpt_step if self.config.windows else self.tpt_epoch
+        self.figure_path = self.reporter.final_figure(trainer, self.history, tpt, title)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -42,7 +42,7 @@ class WarnOnce:
 
 
 def epoch_warnings(
-    outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str, subset: bool = False
+    outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str, subset: bool = False, unit: str = "epoch"
 ) -> list[tuple[str, str]]:
     """``(key, message)`` pairs for what the measurement of ``epoch`` left out (``subset``: ``classes=`` leaves
     classes out on purpose, so absent ones are not warned about).
@@ -59,16 +59,16 @@ def epoch_warnings(
         found.append(
             (
                 "nonfinite",
-                f"NeuralCollapseCallback: {nonfinite} samples of epoch {epoch} had NaN/Inf features or logits and were "
-                f"left out of every metric (the count is logged as `{prefix}/skipped_samples` each epoch). The model "
-                "produced them; if the captured layer is not the one meant, set `features=` or `classifier=`.",
+                f"NeuralCollapseCallback: {nonfinite} samples of {unit} {epoch} had NaN/Inf features or logits and "
+                f"were left out of every metric (the count is logged as `{prefix}/skipped_samples` each {unit}). The "
+                "model produced them; if the captured layer is not the one meant, set `features=` or `classifier=`.",
             )
         )
     if bad_label:
         found.append(
             (
                 "bad-label",
-                f"NeuralCollapseCallback: {bad_label} samples of epoch {epoch} had invalid labels (outside "
+                f"NeuralCollapseCallback: {bad_label} samples of {unit} {epoch} had invalid labels (outside "
                 f"[0, {num_classes}), negative but not `ignore_index`, or float targets that are not one-hot or "
                 f"probabilities) and were left out of every metric (counted in `{prefix}/skipped_samples`). Set "
                 "`num_classes=` (and `classifier=`), `ignore_index=` or `label_getter=`.",
@@ -83,7 +83,7 @@ def epoch_warnings(
         found.append(
             (
                 "one-class",
-                f"NeuralCollapseCallback: only class {present.index(True)} has samples in epoch {epoch}; NC1, NC2 of "
+                f"NeuralCollapseCallback: only class {present.index(True)} has samples in {unit} {epoch}; NC1, NC2 of "
                 "the means and NC3 need two classes and are not logged. Check the data or `label_getter=`.",
             )
         )
@@ -92,7 +92,7 @@ def epoch_warnings(
         found.append(
             (
                 "absent",
-                f"NeuralCollapseCallback: class(es) {shown} had no sample in epoch {epoch} and are left out of every "
+                f"NeuralCollapseCallback: class(es) {shown} had no sample in {unit} {epoch} and are left out of every "
                 f"metric (C = {sum(present)} present classes). Expected on a subset of the data; otherwise check the "
                 "labels (`label_getter=`).",
             )

@@ -254,7 +254,9 @@ class EpochEnd:
                 )
         if fit.shapes is not None:
             subset = self.config.classes is not None
-            for key, message in say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix, subset):
+            unit = "window" if self.config.windows else "epoch"
+            warned = say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix, subset, unit)
+            for key, message in warned:
                 fit.warn(key, message)
         self.reporter.scalars(trainer, record)
         self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]), outcome.geometry)

@@ -38,15 +38,23 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str, str], ...]], ...] = (
         (("nc2_maxangle_means", "class means", "-"), ("nc2_maxangle_weights", "classifier", "--")),
     ),
     ("NC3: self-duality", r"$\|W^T/\|W\| - M/\|M\|\|^2$", (("nc3_self_duality", "", "-"),)),
-    ("NC4: NCC mismatch", "fraction of samples", (("nc4_ncc_mismatch", "", "-"),)),
-    ("Training error", "fraction misclassified", (("train_error", "", "-"),)),
+    (
+        "NC4: NCC mismatch",
+        "fraction of samples",
+        (("nc4_ncc_mismatch", "exact pass", "-"), ("nc4_ncc_mismatch_prev_means", "previous means", "-")),
+    ),
+    (
+        "Training error",
+        "fraction misclassified",
+        (("train_error", "training steps", "-"), ("train_error_eval", "eval pass", "--")),
+    ),
 )
 
 
-def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+def _series(history: Sequence[Mapping[str, Any]], key: str, x: str = "epoch") -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for row in history:
-        epoch, value = finite_float(row.get("epoch")), finite_float(row.get(key))
+        epoch, value = finite_float(row.get(x)), finite_float(row.get(key))
         if epoch is not None and value is not None:
             xs.append(epoch)
             ys.append(value)
@@ -60,20 +68,23 @@ def _panel(
     ylabel: str,
     lines: tuple[tuple[str, str, str], ...],
     tpt_epoch: int | None,
+    x: str = "epoch",
 ) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plotted: list[float] = []
+    drawn = 0
     for key, label, style in lines:
-        xs, ys = _series(history, key)
+        xs, ys = _series(history, key, x)
         if xs:
+            drawn += 1
             ax.plot(xs, ys, style, marker="o", markersize=2.5, linewidth=1.3, label=label or key)
             plotted.extend(ys)
     if plotted and min(plotted) > 0:
         ax.set_yscale("log")
     if not plotted:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
-    elif len(lines) > 1:
+    elif drawn > 1:
         ax.legend(fontsize=8, frameon=False)
     if tpt_epoch is not None:
         ax.axvline(tpt_epoch, color="0.35", linestyle="--", linewidth=1.0)
@@ -81,7 +92,7 @@ def _panel(
             tpt_epoch, 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8, color="0.35"
         )
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("epoch", fontsize=9)
+    ax.set_xlabel("step" if x == "step" else "epoch", fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -89,7 +100,8 @@ def _panel(
 
 
 def plot_history(history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str | None = None) -> Figure:
-    """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with 8 panels against the epoch: NC1,
+    """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with 8 panels against the epoch (against the
+    step when the records are windows of steps, with ``tpt_epoch`` then the step where TPT began): NC1,
     NC1 CDNV, NC2 equinorm, NC2 equiangularity, NC2 max-angle (class means solid, classifier dashed),
     NC3 self-duality, NC4 NCC mismatch and training error.
 
@@ -116,8 +128,9 @@ def plot_history(history: Sequence[Mapping[str, float]], tpt_epoch: int | None, 
     axes = figure.subplots(2, 4).ravel()
     # fixed margins: a layout engine would triple the drawing time
     figure.subplots_adjust(left=0.055, right=0.99, bottom=0.08, top=0.9 if title else 0.94, wspace=0.4, hspace=0.45)
+    x = "step" if any("window" in row for row in history) else "epoch"
     for ax, (panel_title, ylabel, lines) in zip(axes, _PANELS, strict=True):
-        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch)
+        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch, x)
     if title:
         figure.suptitle(title, fontsize=12)
     return figure
