@@ -408,5 +408,5 @@ def _shift_labels(model: LightningModule, option: bool | None) -> tuple[bool, st
         return option, f"shift_labels={option}"
     causal = next((type(m).__name__ for m in model.modules() if type(m).__name__.endswith("ForCausalLM")), None)
     if causal is not None:
-        return True, f"automatic: `{causal}` is a Hugging Face causal LM, which shifts its labels inside its loss"
+        return True, f"automatic: `{causal}` is named like a Hugging Face causal LM, which shifts labels in its loss"
     return False, "automatic: no Hugging Face *ForCausalLM in the model; set shift_labels=True if it shifts them"

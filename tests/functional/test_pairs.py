@@ -47,11 +47,17 @@ def test_every_tile_gives_the_dense_numbers(tile: int | None) -> None:
         assert getattr(sums, name)() == pytest.approx(value, rel=1e-12), name
 
 
-def test_float32_tiles_keep_float64_sums() -> None:
-    v, var = _vectors(200, 16)
-    exact, fast = pair_sums(v, var), pair_sums(v, var, dtype=torch.float32)
+@pytest.mark.parametrize(("num", "tile"), [(200, None), (3000, 1100)])
+def test_float32_tiles_agree_with_float64_ones(num: int, tile: int | None) -> None:
+    # millions of pairs per tile: a reduction that is not cascaded (vector_norm in float32) drifts to 1e-3 here
+    v, var = _vectors(num, 16)
+    exact = pair_sums(v, var, edges=COSINE_EDGES, tile=tile)
+    fast = pair_sums(v, var, edges=COSINE_EDGES, dtype=torch.float32, tile=tile)
     for name in ("equiangular", "max_angle", "etf_distance", "cdnv", "log_energy"):
-        assert getattr(fast, name)() == pytest.approx(getattr(exact, name)(), rel=1e-5), name
+        assert getattr(fast, name)() == pytest.approx(getattr(exact, name)(), rel=1e-6), name
+    assert fast.histogram is not None and exact.histogram is not None
+    assert int(fast.histogram.sum()) == int(exact.histogram.sum()) == num * (num - 1)
+    assert (fast.histogram - exact.histogram).abs().sum() <= 1e-4 * num * num  # pairs on a bin edge may move
 
 
 def test_the_histogram_counts_every_pair_once() -> None:
