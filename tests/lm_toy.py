@@ -74,6 +74,12 @@ class LM(L.LightningModule):
         assert out.loss is not None
         return out.loss
 
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(**batch)
+        assert out.loss is not None
+        self.log("val_loss", out.loss)
+        return out.loss
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 

@@ -232,6 +232,44 @@ def reference_metrics(
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
+HELD_OUT_COLLAPSE_KEYS = FEATURE_KEYS  # test collapse: the metrics of the validation features alone
+
+
+def held_out_reference(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    val_logits: np.ndarray,
+    num_classes: int,
+) -> dict[str, float]:
+    """SPEC.md's held-out keys, brute force in float64: validation samples against the training class means
+    (``ncc_accuracy``, ``nc4_ncc_mismatch``, ``mean_shift``), the network's ``accuracy``, and the test-collapse
+    keys of the validation data alone."""
+    train_h = np.asarray(train_features, dtype=np.float64)
+    train_y = np.asarray(train_labels, dtype=np.int64)
+    val_h = np.asarray(val_features, dtype=np.float64)
+    val_y = np.asarray(val_labels, dtype=np.int64)
+    in_train = [c for c in range(num_classes) if (train_y == c).sum() > 0]
+    mu_train = {c: train_h[train_y == c].mean(axis=0) for c in in_train}
+    dist = _squared_distances(val_h, np.stack([mu_train[c] for c in in_train]))
+    nearest = np.array(in_train)[dist.argmin(axis=1)]
+    network = np.asarray(val_logits).argmax(axis=1)
+    out = {
+        "accuracy": float((network == val_y).mean()),
+        "ncc_accuracy": float((nearest == val_y).mean()),
+        "nc4_ncc_mismatch": float((network != nearest).mean()),
+    }
+    collapse = reference_metrics(val_h, val_y, num_classes=num_classes)
+    out.update({key: collapse[key] for key in HELD_OUT_COLLAPSE_KEYS if key in collapse})
+    both = [c for c in in_train if (val_y == c).sum() > 0]
+    centre = sum(mu_train[c] for c in in_train) / len(in_train)
+    moved = [float(np.linalg.norm(val_h[val_y == c].mean(axis=0) - mu_train[c])) for c in both]
+    spread = [float(np.linalg.norm(mu_train[c] - centre)) for c in both]
+    out["mean_shift"] = (sum(moved) / len(both)) / (sum(spread) / len(both))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------

@@ -85,3 +85,13 @@ class ToyData(L.LightningDataModule):
 def second_item(batch: Any) -> Any:
     """A label getter referenced by import path in the CLI test."""
     return batch[1]
+
+
+class ValidatedClassifier(ToyClassifier):
+    """:class:`ToyClassifier` with a validation step that logs ``val_loss`` (per dataloader with several)."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("val_loss", loss, on_epoch=True)
+        return loss

@@ -8,6 +8,7 @@ exact pass, the one place with collectives (:mod:`~lightning_neural_collapse.pip
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from lightning_neural_collapse.pipeline.exact import (
     exact_loader,
 )
 from lightning_neural_collapse.pipeline.first_step import FirstStep
+from lightning_neural_collapse.pipeline.held_out import HeldOut
 from lightning_neural_collapse.pipeline.probe import is_compiled
 from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState
 from lightning_neural_collapse.reporting._common import reset_warnings
@@ -102,6 +104,13 @@ class NeuralCollapseCallback(Callback):
         classes_from: with ``classes=k``: ``"frequent"`` (default), the ``k`` classes with the most samples in the
             measurement, or ``"random"``, ``k`` classes drawn once with ``classes_seed``.
         classes_seed: the seed of ``classes_from="random"``.
+        measure_val: when the fit validates, measure the validation batches in the validation step's own forward
+            against the class means of the latest training measurement (held-out collapse, logged under
+            ``{prefix}_val/``: ``ncc_accuracy``, ``nc4_ncc_mismatch``, ``accuracy``, ``mean_shift`` and the
+            test-collapse keys ``nc1``, ``nc1_cdnv``, ``nc2_*_means``); default ``True``. Sanity checks are not
+            measured.
+        val_names: with several validation dataloaders, a name per loader for its tags
+            (``nc_val/<name>/<key>``); default ``dataloader_<index>``. A single loader logs under ``nc_val/``.
 
     Example::
 
@@ -131,6 +140,8 @@ class NeuralCollapseCallback(Callback):
         classes: int | list[int] | None = None,
         classes_from: ClassSubset = "frequent",
         classes_seed: int = 0,
+        measure_val: bool = True,
+        val_names: list[str] | None = None,
     ) -> None:
         self.config = Config(
             mode=mode,
@@ -154,6 +165,8 @@ class NeuralCollapseCallback(Callback):
             classes=tuple(classes) if isinstance(classes, list) else classes,
             classes_from=classes_from,
             classes_seed=classes_seed,
+            measure_val=measure_val,
+            val_names=tuple(val_names) if isinstance(val_names, list) else val_names,
         )
         self.reporter = Reporter(
             prefix,
@@ -165,6 +178,13 @@ class NeuralCollapseCallback(Callback):
         self._saved = SavedState(tpt_threshold, unit_key="window" if self.config.windows else "epoch")
         self._fit: FitState | None = None
         self._end = EpochEnd(self.config, self._saved, self.reporter, self._tpt_started, RankGroup())
+        self._held_out = HeldOut(
+            self.config,
+            self._saved,
+            self.reporter,
+            RankGroup(),
+            functools.partial(self._end.accumulator, statistics=True),  # no lambda: ddp_spawn pickles callbacks
+        )
         self.figure_path: str | None = None
         """Where the figure was saved at the end of the last ``fit`` (``None`` if not saved)."""
 
@@ -175,6 +195,12 @@ class NeuralCollapseCallback(Callback):
         """One dict per finished epoch: ``epoch``, ``step``, ``train_error``, ``skipped_samples`` and the keys
         measured that epoch."""
         return self._saved.history
+
+    @property
+    def val_history(self) -> list[dict[str, float]]:
+        """One dict per measured validation run: ``epoch``, ``step`` and the held-out keys (``<loader>/<key>`` with
+        several validation dataloaders), as logged under ``{prefix}_val/``."""
+        return self._saved.val_history
 
     @property
     def tpt_epoch(self) -> int | None:
@@ -277,7 +303,9 @@ class NeuralCollapseCallback(Callback):
             )
         instances = _instances(trainer)
         if instances and instances[0] is self:  # one layout for every instance: a run keeps only the last
-            self.reporter.dashboard(trainer, [cb.config.prefix for cb in instances])
+            validates = loop.has_validation(trainer, pl_module)
+            held_out = [cb.config.prefix for cb in instances if cb.config.measure_val and validates]
+            self.reporter.dashboard(trainer, [cb.config.prefix for cb in instances], held_out)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -330,6 +358,36 @@ class NeuralCollapseCallback(Callback):
         self._finish(trainer, pl_module)  # the validation right after an epoch's last batch, before its checkpoint
 
     @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fit is not None:
+            self._held_out.open(trainer, self._fit)  # after on_validation_start: the training means are final
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._fit is not None and self._fit.validation is not None:
+            self._fit.binding.capture.clear()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._fit is not None:
+            self._held_out.add(trainer, self._fit, batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fit is not None:
+            self._held_out.finish(trainer, pl_module, self._fit)  # before ModelCheckpoint's on_validation_end
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit = self._fit
         if (
@@ -351,7 +409,7 @@ class NeuralCollapseCallback(Callback):
         self._end.measure_last_epoch(trainer, pl_module, self._fit)
         title = f"Neural Collapse ({self.config.mode} mode)"
         tpt = self.tpt_step if self.config.windows else self.tpt_epoch
-        self.figure_path = self.reporter.final_figure(trainer, self.history, tpt, title)
+        self.figure_path = self.reporter.final_figure(trainer, self.history, tpt, title, self.val_history)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

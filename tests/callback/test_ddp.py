@@ -23,6 +23,7 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 SAMPLES = 301  # odd: not a multiple of the world size
 CLASSES = 4
+VAL_SAMPLES = 200  # a multiple of the world size: Lightning's validation DistributedSampler pads otherwise
 EXACT_KEYS = {"nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means", "train_error", "train_error_eval"}  # counts
 # warnings that would mean trouble under DDP (Lightning's advice to sync, torchmetrics' empty-rank warning,
 # our own "not measured"/"could not log" messages, a crash or a watchdog timeout)
@@ -113,7 +114,13 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory, exact_run: Run) -> Run
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return launch(tmp_path_factory.mktemp("online"), "--mode", "online", "--lr", "0", "--epochs", "3")
+    out = tmp_path_factory.mktemp("online")
+    return launch(out, "--mode", "online", "--lr", "0", "--epochs", "3", "--val", str(VAL_SAMPLES + 1))
+
+
+@pytest.fixture(scope="module")
+def val_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return launch(tmp_path_factory.mktemp("val"), "--mode", "both", "--epochs", "3", "--val", str(VAL_SAMPLES))
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +305,37 @@ def test_a_failure_on_one_rank_leaves_no_rank_waiting(failures_run: Run) -> None
 def test_exact_mode_with_batch_norm_measures_rank_zeros_running_statistics(failures_run: Run) -> None:
     assert failures_run.output.count("every rank measures with rank 0's BatchNorm running statistics") == 1
     assert_matches(failures_run.history()[-1], failures_run.rank0["reference"])  # rank 0's model, one process
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_held_out_keys_under_ddp_equal_one_process(val_run: Run) -> None:
+    assert_ranks_agree(val_run)
+    assert val_run.rank0["val_history"] == val_run.ranks[1]["val_history"]
+    exact = val_run.rank0["val_history"]["nc"]
+    assert [r["epoch"] for r in exact] == [0, 1, 2]  # the sanity check is not measured
+    expected = val_run.rank0["val_reference"]
+    assert set(expected) <= set(exact[-1])
+    for key, value in expected.items():  # the last validation: the final model, the last exact pass's means
+        if key in ("accuracy", "ncc_accuracy", "nc4_ncc_mismatch"):  # counts over all 200 samples, exactly
+            assert round(exact[-1][key] * VAL_SAMPLES) == round(value * VAL_SAMPLES), key
+            assert abs(exact[-1][key] * VAL_SAMPLES - round(exact[-1][key] * VAL_SAMPLES)) < 1e-9, key
+        assert exact[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    online = val_run.rank0["val_history"]["nco"]
+    assert [r["epoch"] for r in online] == [0, 1, 2]
+    assert all(0 <= r["ncc_accuracy"] <= 1 and math.isfinite(r["nc1"]) for r in online)
+    assert [r["accuracy"] for r in online] == [r["accuracy"] for r in exact]  # the network's own: same model
+    assert "validation DistributedSampler pads" not in val_run.output
+    assert_clean(val_run)
+
+
+def test_a_padded_validation_sampler_is_warned_about_once(online_run: Run) -> None:
+    assert online_run.output.count("the validation DistributedSampler pads 201 samples to a multiple of 2") == 1
+    records = online_run.rank0["val_history"]["nc"]
+    assert len(records) == 3 and online_run.ranks[1]["val_history"]["nc"] == records
+    for record in records:  # 202 samples counted: 201 plus the padding duplicate
+        assert abs(record["accuracy"] * 202 - round(record["accuracy"] * 202)) < 1e-9
 
 
 # ------------------------------------------------------------------------------------------------ ddp_spawn

@@ -174,3 +174,19 @@ def test_the_same_instance_continues_a_run_with_a_second_fit() -> None:
     assert [r["epoch"] for r in nc.history] == [0, 1, 2, 3]
     fit([nc], epochs=1)
     assert [r["epoch"] for r in nc.history] == [0]
+
+
+@pytest.mark.parametrize("mode", ["online", "exact"])
+def test_the_callback_pickles_before_and_after_a_fit(mode: str) -> None:
+    """``strategy="ddp_spawn"`` pickles the callbacks into every process: no lambda or hook may stay behind."""
+    import pickle
+
+    nc = NeuralCollapseCallback(mode=mode, val_names=["clean"])
+    clone = pickle.loads(pickle.dumps(nc))
+    assert clone.config == nc.config and clone.val_history == []
+    x, y = blobs(64, 3, 6, seed=0)
+    L.Trainer(max_epochs=1, callbacks=[nc], **toy.QUIET).fit(
+        ToyClassifier(6, 3), DataLoader(TensorDataset(x, y), batch_size=16)
+    )
+    again = pickle.loads(pickle.dumps(nc))
+    assert again.history == nc.history and len(again.history) == 1

@@ -21,3 +21,6 @@ def test_readme_python_snippets_run(tmp_path: Path, monkeypatch) -> None:  # typ
         exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)
     nc = namespace["nc"]
     assert len(nc.history) == 5  # type: ignore[attr-defined]
+    held = namespace["held"]  # the held-out example: one record per epoch's validation, every key defined
+    assert len(held.val_history) == 5  # type: ignore[attr-defined]
+    assert {"accuracy", "ncc_accuracy", "mean_shift", "nc1"} <= set(held.val_history[-1])  # type: ignore[attr-defined]

@@ -285,6 +285,25 @@ def test_ncc_mismatch_skips_nonfinite_and_respects_present() -> None:
     assert metric.compute() == pytest.approx(2 / 3)
 
 
+def test_ncc_label_hits_count_the_nearest_mean_equal_to_the_label() -> None:
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 0.0]])
+    metric = NCCMismatch(means, torch.tensor([True, True, False]))
+    features = torch.tensor([[6.0, 0.0], [1.0, 0.0], [float("nan"), 0.0], [4.0, 0.0], [9.0, 0.0]])
+    decisions = torch.tensor([1, 0, 0, 1, 1])
+    labels = torch.tensor([1, 1, 0, 0, 1])  # nearest: 1, 0, -, 0, 1 -> hits at 0, 3, 4
+    metric.update_decisions(features, decisions, labels=labels)
+    assert (int(metric.label_hits), int(metric.total), int(metric.mismatches)) == (3, 4, 1)
+    assert metric.accuracy() == pytest.approx(3 / 4) and metric.compute() == pytest.approx(1 / 4)
+    counted = torch.tensor([True, True, True, False, True])  # the caller's mask (ignore_index, a bad label)
+    masked = NCCMismatch(means, torch.tensor([True, True, False]))
+    masked.update_decisions(features, decisions, counted, labels=labels)
+    assert (int(masked.label_hits), int(masked.total)) == (2, 3)
+    assert math.isnan(NCCMismatch(means).accuracy())  # nothing seen
+    plain = NCCMismatch(means)
+    plain.update(features[:2], torch.eye(3)[:2])  # no labels: no hits, the mismatch as before
+    assert int(plain.label_hits) == 0 and int(plain.total) == 2
+
+
 def test_classification_error_counts() -> None:
     err = ClassificationError(num_classes=3)
     logits = torch.tensor(

@@ -36,6 +36,7 @@ def test_counts_and_skipped_samples() -> None:
         "nonfinite": 2,
         "bad_label": 1,
         "ncc_mismatches": 0,
+        "ncc_hits": 0,
         "ncc_total": 0,
     }
     assert acc.statistics is not None
@@ -64,6 +65,8 @@ def test_the_previous_means_shift_the_statistics_and_give_lagged_nc4() -> None:
     counts = acc.local_counts()
     expected = ncc_mismatch(features, previous.means, logits, previous.present)
     assert int(counts["ncc_total"]) == 24 and int(counts["ncc_mismatches"]) == round(expected * 24)
+    nearest = torch.cdist(features.double(), previous.means).argmin(dim=1)  # every class is present
+    assert int(counts["ncc_hits"]) == int((nearest == labels).sum())  # the held-out ncc_accuracy's count
     assert Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=reference, lagged_ncc=False).ncc is None
     wrong_shape = Reference(torch.zeros(4, 5), torch.ones(4, dtype=torch.bool))
     assert Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=wrong_shape).ncc is None

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo pools run 
 def test_every_rank_reaches_the_same_verdict(pool: list[dict[str, Any]]) -> None:
     rank0, rank1 = pool
     assert rank0["world_size"] == rank1["world_size"] == 2
-    for name in ("online", "steps_failure", "not_due", "exact", "exact_failure", "ncc_failure"):
+    names = ("online", "steps_failure", "not_due", "exact", "exact_failure", "ncc_failure")
+    for name in (*names, "val", "val_failure", "val_empty"):
         same = {key: rank0[name][key] for key in ("status", "stage", "failed_ranks", "counts", "values", "means")}
         assert same == {key: rank1[name][key] for key in same}, name
 
@@ -89,6 +90,20 @@ def test_exact_mode_aligns_buffers_and_sums_uneven_shards(pool: list[dict[str, A
     # inside the passes both ranks saw rank 0's buffer; afterwards each has its own again
     assert set(rank0["buffers_seen_in_pass"]) == set(rank1["buffers_seen_in_pass"]) == {1.0}
     assert (rank0["buffer_after"], rank1["buffer_after"]) == (1.0, 2.0)
+
+
+def test_held_out_loaders_are_reduced_and_fail_together(pool: list[dict[str, Any]]) -> None:
+    rank0, rank1 = pool
+    val = rank0["val"]
+    assert val["status"] == "measured" and val["stage"] == "" and val["counts"]["total"] == 90
+    assert val["counts_per_class"] == rank0["reference_counts"]  # class 3 only on rank 0
+    assert torch.allclose(torch.tensor(val["means"]), torch.tensor(rank0["reference_means"]), atol=1e-12)
+    assert "nc1" in val["values"] and "nc3" not in val["values"]  # no weight: test collapse only
+    for rank, own in ((rank0, "IndexError: x"), (rank1, None)):
+        failed = rank["val_failure"]
+        assert failed["status"] == "skipped" and failed["stage"] == "validation" and failed["failed_ranks"] == 1
+        assert failed["failure"] == own
+        assert rank["val_empty"]["status"] == "counted" and rank["val_empty"]["counts"]["total"] == 0
 
 
 # ------------------------------------------------------------------------------------------- one process

@@ -38,6 +38,12 @@ from lightning_neural_collapse.pipeline.config import Config
         ("input_getter", 7),
         ("log_histograms", "yes"),
         ("log_figure", 1),
+        ("measure_val", "no"),
+        ("val_names", "clean"),
+        ("val_names", ("clean", "clean")),
+        ("val_names", ("has space",)),
+        ("val_names", ("",)),
+        ("val_names", (3,)),
     ],
 )
 def test_a_wrong_value_names_its_option(option: str, value: Any) -> None:
@@ -64,3 +70,8 @@ def test_defaults_and_derived_values() -> None:
     assert Config().figure_name == "neural_collapse.png"
     assert Config(prefix="nc/layer3").figure_name == "neural_collapse_nc_layer3.png"
     assert Config(prefix="nc_val").figure_name != Config().figure_name  # one file per prefix
+    assert Config().measure_val and Config().val_prefix == "nc_val"
+    named = Config(val_names=["clean", "noisy"])  # a list, from a YAML file
+    assert named.val_names == ("clean", "noisy")
+    assert [named.val_tag(i, 3) for i in range(3)] == ["clean", "noisy", "dataloader_2"]  # fewer names: indices
+    assert Config().val_tag(0, 1) == "" and Config().val_tag(0, 2) == "dataloader_0"

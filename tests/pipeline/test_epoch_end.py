@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from stand_ins import Recorder
 from torch import nn
 
 from lightning_neural_collapse.pipeline.capture import Binding
@@ -18,14 +19,6 @@ from lightning_neural_collapse.pipeline.labels import LabelReader
 from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
 from lightning_neural_collapse.reporting.reporter import Reporter
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, metrics))
 
 
 class Model(nn.Sequential):

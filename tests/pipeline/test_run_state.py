@@ -19,14 +19,17 @@ def test_saved_state_round_trip_and_finished_epochs() -> None:
     saved.commit({"epoch": 1, "step": 7, "train_error": 0.0, "tpt_epoch": 1})
     saved.reference = Reference(torch.ones(2, 3), torch.tensor([True, False]))
     saved.mark_finished(2)  # skipped: no record
+    saved.val_history.append({"epoch": 1, "step": 7, "ncc_accuracy": 0.75})
     restored = SavedState(0.0)
     restored.load_state_dict(saved.state_dict())
     assert restored.history == saved.history and restored.tpt.epoch == 1 and restored.restored
     assert restored.finished(2) and restored.finished(0) and not restored.finished(3)
     assert restored.reference is not None and torch.equal(restored.reference.means, torch.ones(2, 3))
     assert restored.record(1) == {"epoch": 1, "step": 7, "train_error": 0.0, "tpt_epoch": 1}
+    assert restored.val_history == saved.val_history and restored.val_history[0] is not saved.val_history[0]
     restored.clear()
     assert restored.history == [] and restored.tpt.epoch is None and restored.reference is None
+    assert restored.val_history == []
 
 
 def test_checkpoints_of_0_1_load() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import sys
 import types
 import warnings
@@ -221,6 +222,27 @@ def test_dashboard_layout_written(tmp_path: Path) -> None:
     assert list(nc1.multiline.tag) == ["^nc/nc1$", "^nc/nc1_cdnv$"]
 
 
+def test_held_out_charts_match_every_validation_loader() -> None:
+    layout = dashboard_layout(["nc", "nc_layer3"], held_out=["nc"])
+    assert set(layout) == {"Neural collapse (nc)", "Neural collapse (nc_layer3)", "Held-out collapse (nc)"}
+    charts = layout["Held-out collapse (nc)"]
+    nc1 = charts["NC1: training vs validation"][1]
+    tags = ["nc/nc1", "nc_val/nc1", "nc_val/dataloader_1/nc1", "nc_val/a/b/nc1", "nc_val/nc1_cdnv", "nc/val/nc1"]
+    assert [tag for tag in tags if any(re.match(regex, tag) for regex in nc1)] == tags[:3]
+    accuracy = charts["Validation accuracy: network vs nearest training mean"][1]
+    assert [
+        tag for tag in ("nc_val/accuracy", "nc_val/ncc_accuracy", "nc_val/clean/accuracy") if re.match(accuracy[0], tag)
+    ] == [
+        "nc_val/accuracy",
+        "nc_val/clean/accuracy",
+    ]
+    assert charts["NC4: training vs validation"][1] == [
+        "^nc/nc4_ncc_mismatch$",
+        "^nc/nc4_ncc_mismatch_prev_means$",
+        "^nc_val/([^/]+/)?nc4_ncc_mismatch$",
+    ]
+
+
 def test_plot_history_save_and_log(tmp_path: Path) -> None:
     figure = plot_history(_history(), tpt_epoch=10, title="synthetic run")
     assert len(figure.axes) >= 7
@@ -249,6 +271,26 @@ def test_save_figure_unwritable_path_warns(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only once
         assert save_figure(figure, blocker / "history.png") is None
+
+
+def test_plot_history_draws_the_validation_lines() -> None:
+    val = [
+        {"epoch": e, "step": 8 * e + 7, "clean/nc1": 1.0 / (e + 1), "clean/accuracy": 0.5 + e / 40, "noisy/nc1": 2.0}
+        for e in range(0, 20, 2)
+    ]
+    val[3]["clean/ncc_accuracy"] = 0.8
+    figure = plot_history(_history(), tpt_epoch=10, val_history=val)
+    assert {line.get_label() for line in figure.axes[0].get_lines()} >= {"training", "validation"}
+    nc1_axis = figure.axes[0]
+    dotted = [line for line in nc1_axis.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and list(dotted[0].get_ydata()) == [1.0 / (e + 1) for e in range(0, 20, 2)]
+    error_axis = figure.axes[-1]
+    (val_error,) = [line for line in error_axis.get_lines() if line.get_label() == "validation"]
+    assert list(val_error.get_ydata()) == pytest.approx([0.5 - e / 40 for e in range(0, 20, 2)])
+    (ncc_error,) = [line for line in error_axis.get_lines() if line.get_label() == "validation, NCC rule"]
+    assert list(ncc_error.get_xdata()) == [6] and list(ncc_error.get_ydata()) == pytest.approx([0.2])
+    untagged = plot_history(_history(), None, val_history=[{"epoch": 3, "step": 9, "nc1": 0.5, "accuracy": 0.9}])
+    assert any(line.get_linestyle() == ":" for line in untagged.axes[0].get_lines())
 
 
 def test_plot_history_edge_cases() -> None:

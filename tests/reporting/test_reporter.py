@@ -9,18 +9,11 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from stand_ins import Recorder
 
 from lightning_neural_collapse.reporting.reporter import Reporter
 
 HISTORY = [{"epoch": 0, "step": 3, "nc1": 2.0, "train_error": 0.5}, {"epoch": 1, "step": 7, "nc1": 0.5}]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, metrics))
 
 
 def trainer(*loggers: Any, stepped: int | None = 8, global_step: int = 16) -> Any:

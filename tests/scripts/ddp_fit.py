@@ -7,11 +7,13 @@ Run in its own process (never inside pytest: a DDP launch re-executes the comman
     python tests/scripts/ddp_fit.py OUTDIR --mode both --missing-class-on-rank1 --uneven
     python tests/scripts/ddp_fit.py OUTDIR --mode exact --checkpoint-dir CKPTS
     python tests/scripts/ddp_fit.py OUTDIR2 --mode exact --resume CKPTS/epoch=1.ckpt --epochs 4
+    python tests/scripts/ddp_fit.py OUTDIR --mode both --val 200              # a validation loop, measured
     python tests/scripts/ddp_fit.py OUTDIR --accelerator cuda --devices 4   # NCCL on 4 GPUs
 
 Data: ``--samples`` (odd by default: 301) generated Gaussian blobs, ``--classes`` classes in ``--dim``
 dimensions; model: an MLP body and an ``nn.Linear`` classifier ``fc``. ``--mode both`` attaches two
-callbacks, ``prefix="nc"`` in exact mode and ``prefix="nco"`` in online mode.
+callbacks, ``prefix="nc"`` in exact mode and ``prefix="nco"`` in online mode. ``--val N`` adds a validation
+loop over ``N`` noisier samples around the same centres (Lightning's own non-shuffled DistributedSampler).
 
 Data placement (``W`` ranks):
 
@@ -39,6 +41,9 @@ Outputs, in ``OUTDIR``:
   mode (plus ``train_error``), and ``seen_reference[epoch]``: the same on the multiset of samples the training
   steps of all ranks fed in that epoch (padding duplicates included), NC4 against the class means of the
   previous epoch's multiset: what online mode measures when the weights do not change (``lr=0``);
+- with ``--val``, ``val_history`` per prefix from every rank, and in ``rank0.json`` ``val_reference``: the held-out
+  keys of the last validation computed in one process by the tests' brute-force ``held_out_reference`` (training
+  means of the full training set and validation features, both from the final model in eval mode);
 - ``outcome.json`` from rank 0: the checks (ranks identical, exact == reference, online == seen_reference when
   ``lr=0``, figure on rank 0 only) and ``ok``.
 
@@ -62,7 +67,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from lightning_neural_collapse import NeuralCollapse, NeuralCollapseCallback
 from lightning_neural_collapse.functional import NC4_KEY, class_statistics, ncc_mismatch, neural_collapse_metrics
@@ -89,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="max_epochs (total, also when resuming)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val", type=int, default=0, help="validation samples (0: no validation loop)")
     parser.add_argument("--missing-class-on-rank1", action="store_true")
     parser.add_argument("--uneven", action="store_true")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="a checkpoint after every epoch")
@@ -147,6 +153,14 @@ def make_data(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
         features, labels = features[order], labels[order]
         assert world < 2 or not (labels[1::world] == last).any()
     return features, labels
+
+
+def make_val_data(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    """``--val`` noisier blobs around the training centres (the first draw of :func:`make_data`'s generator)."""
+    centres = 2.5 * torch.randn(args.classes, args.dim, generator=torch.Generator().manual_seed(1234 + args.seed))
+    g = torch.Generator().manual_seed(4321 + args.seed)
+    labels = torch.randperm(args.val, generator=g) % args.classes
+    return centres[labels] + 1.5 * torch.randn(args.val, args.dim, generator=g), labels
 
 
 class IndexedData(Dataset):
@@ -251,6 +265,10 @@ class Net(L.LightningModule):
         fed.extend(index.tolist())
         return nn.functional.cross_entropy(self(x), y)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), sync_dist=True)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.args.lr, momentum=0.9)
 
@@ -328,6 +346,7 @@ class Recorder(Callback):
             "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
             "modes": {p: cb.config.mode for p, cb in self.callbacks.items()},
             "history": {p: cb.history for p, cb in self.callbacks.items()},
+            "val_history": {p: cb.val_history for p, cb in self.callbacks.items()},
             "tpt_epoch": {p: cb.tpt_epoch for p, cb in self.callbacks.items()},
             "figure_path": {p: cb.figure_path for p, cb in self.callbacks.items()},
             "sync_fn": _sync_fn_name(),
@@ -348,6 +367,8 @@ class Recorder(Callback):
         if rank == 0:
             mine["reference"] = reference(net)
             mine["seen_reference"] = {str(e): seen_reference(net, [g["fed"] for g in gathered], e) for e in epochs}
+            if args.val:
+                mine["val_reference"] = val_reference(net, *make_val_data(args))
         args.outdir.mkdir(parents=True, exist_ok=True)
         (args.outdir / f"rank{rank}.json").write_text(json.dumps(mine, indent=1, sort_keys=True))
         if rank == 0:
@@ -385,6 +406,22 @@ def reference(net: Net) -> dict[str, float]:
     values = neural_collapse_metrics(h, y, weight, bias, num_classes=net.args.classes)
     values["train_error_eval"] = float((logits.argmax(dim=1) != y).double().mean())  # the exact pass's error
     return values
+
+
+def val_reference(net: Net, val_x: Tensor, val_y: Tensor) -> dict[str, float]:
+    """The held-out keys of the last validation (exact mode), one process, float64 brute force."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from reference import held_out_reference  # the tests' own brute-force implementation
+
+    h, _, y = _features_logits(net)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        hv = net.body(val_x.to(net.device))
+        zv = net.fc(hv)
+    net.train(was_training)
+    arrays = (h.double().numpy(), y.numpy(), hv.cpu().double().numpy(), val_y.numpy(), zv.cpu().double().numpy())
+    return held_out_reference(*arrays, net.args.classes)
 
 
 def seen_reference(net: Net, seen: list[dict[int, list[int]]], epoch: int) -> dict[str, float]:
@@ -441,7 +478,10 @@ def checks(args: argparse.Namespace, records: list[dict[str, Any]]) -> dict[str,
         "mode": args.mode,
     }
     out["ranks_identical"] = all(
-        r["history"] == first["history"] and r["tpt_epoch"] == first["tpt_epoch"] for r in records
+        r["history"] == first["history"]
+        and r["tpt_epoch"] == first["tpt_epoch"]
+        and r["val_history"] == first["val_history"]
+        for r in records
     )
     others_none = all(v is None for r in records[1:] for v in r["figure_path"].values())
     out["figure_on_rank0_only"] = others_none and all(v is not None for v in first["figure_path"].values())
@@ -510,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         log_every_n_steps=1,
         deterministic=args.accelerator == "cpu",
     )
-    trainer.fit(net, ckpt_path=str(args.resume) if args.resume else None)
+    val = DataLoader(TensorDataset(*make_val_data(args)), batch_size=args.batch_size) if args.val else None
+    trainer.fit(net, val_dataloaders=val, ckpt_path=str(args.resume) if args.resume else None)
     if trainer.is_global_zero and args.strict:
         outcome = json.loads((args.outdir / "outcome.json").read_text())
         print(json.dumps(outcome, indent=1, sort_keys=True))

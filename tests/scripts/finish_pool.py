@@ -41,6 +41,7 @@ from lightning_neural_collapse.pipeline.compute import (
     LocalEpoch,
     RankGroup,
     finish_epoch,
+    finish_held_out,
 )
 from lightning_neural_collapse.pipeline.samples import samples_of
 
@@ -141,6 +142,15 @@ def run(rank: int, port: int, outdir: str) -> None:
     results["buffer_after"] = float(model.running_mean[0])
     scenario("exact_failure", empty, exact=ExactRun(lambda: statistics(fail=rank == 1), ncc, model))
     scenario("ncc_failure", empty, exact=ExactRun(statistics, lambda m, p: ncc(m, p, fail=rank == 0), model))
+
+    # held-out runs: the loader's sums of each rank, reduced; a failure on one rank skips it on both
+    def held_out(name: str, local: LocalEpoch) -> None:
+        results[name] = summary(finish_held_out(group, local, measure=lambda s: geometry(s, None)), [])
+
+    held_out("val", LocalEpoch(online.local_counts(), None, online.statistics, device))
+    held_out("val_failure", LocalEpoch(online.local_counts(), "IndexError: x" if rank == 0 else None, None, device))
+    nothing = accumulator(features[:0], logits[:0], labels[:0])
+    held_out("val_empty", LocalEpoch(nothing.local_counts(), None, nothing.statistics, device))
 
     # the single-process reference on the whole set
     if rank == 0:

@@ -35,6 +35,7 @@ class NCCMismatch(SumStateMetric):
 
     mismatches: Tensor
     total: Tensor
+    label_hits: Tensor
 
     def __init__(
         self, means: Tensor, present: Tensor | None = None, search_dtype: torch.dtype = torch.float32, **kwargs: Any
@@ -45,6 +46,7 @@ class NCCMismatch(SumStateMetric):
         self.ncc = NearestClassCentre(means, present, search_dtype=search_dtype)
         self.add_state("mismatches", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("label_hits", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> Any:  # keep the rule on the states' device
         this = super()._apply(fn, exclude_state)
@@ -61,22 +63,34 @@ class NCCMismatch(SumStateMetric):
         counted = finite if counted is None else counted.to(finite.device) & finite
         self.update_decisions(features, logits.argmax(dim=1), counted)
 
-    def update_decisions(self, features: Tensor, predictions: Tensor, counted: Tensor | None = None) -> None:
+    def update_decisions(
+        self, features: Tensor, predictions: Tensor, counted: Tensor | None = None, labels: Tensor | None = None
+    ) -> None:
         """Like :meth:`update`, with the network's ``(B,)`` decisions ``argmax(logits)`` instead of its logits
-        (``counted``: which samples to count, for example those with finite logits)."""
+        (``counted``: which samples to count, for example those with finite logits). With ``(B,)`` integer
+        ``labels`` it also counts the samples whose nearest class centre is their label (:meth:`accuracy`)."""
         device = self.mismatches.device
         features = features.detach().to(device)
         valid = torch.isfinite(features).all(dim=1)
         if counted is not None:
             valid = valid & counted.to(device)
         safe = torch.where(valid[:, None], features, torch.zeros((), dtype=features.dtype, device=device))
-        mismatch = predictions.detach().to(device) != self.ncc.predict(safe)
+        nearest = self.ncc.predict(safe)
+        mismatch = predictions.detach().to(device) != nearest
         self.mismatches += (mismatch & valid).sum()
         self.total += valid.sum()
+        if labels is not None:
+            self.label_hits += ((nearest == labels.detach().to(device)) & valid).sum()
 
     def compute(self) -> float:
         """The mismatch fraction in ``[0, 1]``; ``nan`` when no sample was seen."""
         return self._fraction()
+
+    def accuracy(self) -> float:
+        """The share of counted samples whose nearest class centre is their label (when ``update_decisions``
+        got labels), local to this rank; ``nan`` when no sample was seen."""
+        hits, total = int(self.label_hits), int(self.total)
+        return hits / total if total > 0 else float("nan")
 
     def fraction(self) -> float:
         """:meth:`compute` summed over ranks (a collective), without torchmetrics' "compute before update"

@@ -1,9 +1,11 @@
-"""What one rank adds up during the training steps of one epoch, without any host-device synchronisation.
+"""What one rank adds up from the samples of one unit of measurement, without any host-device synchronisation.
 
-Every epoch: the training error and the samples left out. When NC is measured from the training steps
-(online mode): the per-class statistics, shifted by the class means of the previous measurement, and,
-when there is one, the NC4 mismatch against those means (a *lagged* NC4: the means are one measurement
-old, which the log tag says).
+A unit is a training epoch (or window of steps), or one validation dataloader's part of a validation run.
+Always: the network's error and the samples left out. When NC is measured from these samples (online mode,
+the exact pass, validation): the per-class statistics, shifted by the class means of the previous training
+measurement, and, when there is one, the NCC rule against those means: the NC4 mismatch (online training: a
+*lagged* NC4, the means are one measurement old, which the log tag says) and how often the nearest mean is the
+label (validation's ``ncc_accuracy``).
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ class Reference:
         return tuple(self.means.shape) == (num_classes, dim)
 
 
-COUNT_KEYS: tuple[str, ...] = ("errors", "total", "nonfinite", "bad_label", "ncc_mismatches", "ncc_total")
+COUNT_KEYS: tuple[str, ...] = (
+    "errors",
+    "total",
+    "nonfinite",
+    "bad_label",
+    "ncc_mismatches",
+    "ncc_hits",
+    "ncc_total",
+)
 """The integer counts of :meth:`Accumulator.local_counts`, in the order they travel between ranks."""
 
 
 class Accumulator:
-    """One rank's sums for one epoch.
+    """One rank's sums for one unit of measurement (a training epoch or window, a validation loader's run).
 
     Args:
         num_classes: ``C``.
@@ -58,6 +68,8 @@ class Accumulator:
         ...            torch.tensor([True, True, True]), torch.tensor([0, 1, 0]))
         >>> {k: int(v) for k, v in acc.local_counts().items() if v}
         {'errors': 1, 'total': 2, 'nonfinite': 1}
+        >>> acc.statistics.statistics().counts.tolist()  # the NaN sample is left out
+        [1.0, 1.0]
     """
 
     def __init__(
@@ -120,7 +132,7 @@ class Accumulator:
         if self.statistics is not None:
             self.statistics.update(features, labels, finite_logits=counted | ~labelled)
         if self.ncc is not None:
-            self.ncc.update_decisions(features, predictions, counted)
+            self.ncc.update_decisions(features, predictions, counted, labels)
         self.batches += 1
 
     def add(self, captured: Captured, labels: Tensor) -> None:
@@ -137,6 +149,7 @@ class Accumulator:
             "nonfinite": self.nonfinite,
             "bad_label": self.bad_label,
             "ncc_mismatches": ncc.mismatches if ncc is not None else zero,
+            "ncc_hits": ncc.label_hits if ncc is not None else zero,
             "ncc_total": ncc.total if ncc is not None else zero,
         }
 

@@ -19,6 +19,11 @@ in the same order, whatever happened locally. Each round is *local work, then ag
 The classifier weight is then read on every rank (a collective for sharded weights), and the metrics are
 computed from identical inputs on every rank, so they are identical. An exception in local work never
 leaves a rank alone in a collective: it becomes the failure flag of the next agreement.
+
+A validation run ends with :func:`finish_held_out`, on every rank at the end of the validation loop, once per
+validation dataloader in index order (the same number on every rank): **agree** on the loader's counts and
+failure flags (one small ``all_reduce``); if no rank failed and some rank counted a sample, **reduce** its
+per-class statistics; then the metrics, from identical inputs on every rank.
 """
 
 from __future__ import annotations
@@ -240,3 +245,30 @@ def _outcome(
     weight = weights()  # every rank: a collective when the weight is sharded
     geometry = measure(stats, weight)
     return EpochOutcome("measured", counts, exact_counts, stats, weight, geometry.values, geometry=geometry)
+
+
+def finish_held_out(
+    group: RankGroup, local: LocalEpoch, *, measure: Callable[[ClassStatistics], Geometry]
+) -> EpochOutcome:
+    """Finish one validation dataloader's part of a validation run on every rank (module docstring).
+
+    Args:
+        group: the ranks.
+        local: this rank's counts and statistics of the loader (statistics ``None`` only where every rank has
+            none: for example before the shapes are known).
+        measure: the test-collapse metrics of the reduced statistics (local, deterministic).
+
+    Returns:
+        ``"skipped"`` (some rank failed, ``stage="validation"``), ``"counted"`` (no sample on any rank, or no
+        statistics) or ``"measured"``, with the agreed counts.
+    """
+    agreed = agree(group, local.failure, local.counts, local.device)
+    if agreed.failed:
+        return EpochOutcome(
+            "skipped", agreed.counts, stage="validation", failure=local.failure, failed_ranks=agreed.failed_ranks
+        )
+    if agreed.counts.get("total", 0) == 0 or local.statistics is None:  # identical on every rank
+        return EpochOutcome("counted", agreed.counts)
+    stats = local.statistics.statistics()
+    geometry = measure(stats)
+    return EpochOutcome("measured", agreed.counts, statistics=stats, values=geometry.values, geometry=geometry)

@@ -60,6 +60,8 @@ class Config:
     classes: int | tuple[int, ...] | None = None
     classes_from: ClassSubset = "frequent"
     classes_seed: int = 0
+    measure_val: bool = True
+    val_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -116,7 +118,21 @@ class Config:
             getter = getattr(self, name)
             if getter is not None and not callable(getter):
                 raise MisconfigurationException(f"`{name}` must be callable (batch -> tensor), got {getter!r}")
-        for name in ("log_histograms", "log_figure"):
+        names = self.val_names
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, (list, tuple)):
+                raise MisconfigurationException(
+                    f"`val_names` must be a list of names, one per validation dataloader, got {names!r}"
+                )
+            for name in names:
+                if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+                    raise MisconfigurationException(
+                        f"`val_names` must hold tags of letters, digits, '-', '_' or '.', got {name!r}"
+                    )
+            if len(set(names)) < len(names):
+                raise MisconfigurationException(f"`val_names` must be distinct, got {names!r}")
+            object.__setattr__(self, "val_names", tuple(names))
+        for name in ("log_histograms", "log_figure", "measure_val"):
             if not isinstance(getattr(self, name), bool):
                 raise MisconfigurationException(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.exact_dataloader is not None:
@@ -134,6 +150,29 @@ class Config:
     def windows(self) -> bool:
         """Whether the unit of measurement is a window of training steps (``every_n_train_steps``), not an epoch."""
         return self.every_n_train_steps is not None
+
+    @property
+    def val_prefix(self) -> str:
+        """The first part of the held-out tags: ``<prefix>_val``.
+
+        Example:
+            >>> Config().val_prefix, Config(prefix="nc/layer3").val_prefix
+            ('nc_val', 'nc/layer3_val')
+        """
+        return f"{self.prefix}_val"
+
+    def val_tag(self, dataloader: int, dataloaders: int) -> str:
+        """The sub-tag of validation dataloader ``dataloader`` of ``dataloaders``: ``""`` for a single loader,
+        else its name in ``val_names`` or ``dataloader_<index>``.
+
+        Example:
+            >>> Config().val_tag(0, 1), Config().val_tag(1, 2), Config(val_names=("clean", "noisy")).val_tag(1, 2)
+            ('', 'dataloader_1', 'noisy')
+        """
+        names = self.val_names
+        if names is not None and dataloader < len(names):
+            return names[dataloader]
+        return "" if dataloaders == 1 else f"dataloader_{dataloader}"
 
     @property
     def dtype(self) -> torch.dtype:

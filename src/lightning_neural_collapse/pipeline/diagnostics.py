@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from lightning_neural_collapse.pipeline.compute import EpochOutcome
@@ -34,6 +34,12 @@ class WarnOnce:
         if key not in self.given:
             self.given.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
+
+    def info(self, key: str, message: str) -> None:
+        """Say ``message`` once (an info message on global rank 0)."""
+        if key not in self.given:
+            self.given.add(key)
+            rank_zero_info(message)
 
     @staticmethod
     def on_rank(rank: int, message: str) -> None:
@@ -103,11 +109,11 @@ def epoch_warnings(
 # ------------------------------------------------------------------------------- the callback's other messages
 
 
-def no_forward(classifier: str) -> str:
-    """A training step in which the classifier did not run."""
+def no_forward(classifier: str, loop: str = "training") -> str:
+    """A training (or validation) step in which the classifier did not run."""
     return (
-        f"NeuralCollapseCallback: the classifier `{classifier}` did not run in a training step; that batch is not "
-        "measured. Set `classifier=` to the layer the training step uses."
+        f"NeuralCollapseCallback: the classifier `{classifier}` did not run in a {loop} step; that batch is not "
+        f"measured. Set `classifier=` to the layer the {loop} step uses."
     )
 
 
@@ -134,6 +140,32 @@ def batch_error(epoch: int, cause: str) -> str:
         f"NeuralCollapseCallback: a training batch of epoch {epoch} could not be measured ({cause}); nothing is "
         "logged for such an epoch. If the batch format changes during training, pass `label_getter=` (and "
         "`input_getter=` for mode='exact')."
+    )
+
+
+def val_batch_error(step: int, tag: str, cause: str) -> str:
+    """A validation batch that could not be measured (``tag``: where its dataloader's keys go)."""
+    return (
+        f"NeuralCollapseCallback: a validation batch of the validation at step {step} could not be measured "
+        f"({cause}); `{tag}` logs nothing for this validation run. If the validation batches differ from the "
+        "training ones, pass a `label_getter=` that reads both, or set `measure_val=False`."
+    )
+
+
+def skipped_validation(step: int, tag: str, failed_ranks: int) -> str:
+    """A validation run not measured because some rank could not take part."""
+    return (
+        f"NeuralCollapseCallback: the validation at step {step} is not measured under `{tag}`: {failed_ranks} rank(s) "
+        "could not take part (a batch that could not be measured); every rank skips it, and training goes on."
+    )
+
+
+def no_reference(tag: str) -> str:
+    """A validation run before any training measurement."""
+    return (
+        "NeuralCollapseCallback: this validation has no training measurement to compare with yet; "
+        f"`{tag}/ncc_accuracy`, `nc4_ncc_mismatch` and `mean_shift` start after the first one (the other "
+        f"`{tag}` keys are logged now)."
     )
 
 
@@ -169,6 +201,16 @@ def exact_failure(stage: str, cause: str | None, failed_ranks: int) -> str:
         f"NeuralCollapseCallback(mode='exact'): the {stage} of the first measured epoch failed: {reason}. Set "
         "`input_getter=` (batch -> model input: a tensor, a tuple of arguments or a dict of keyword arguments) or "
         "`exact_dataloader=` (the data to measure), or use mode='online'."
+    )
+
+
+def padded_val_sampler(tag: str, samples: int, world_size: int) -> str:
+    """A validation loader whose DistributedSampler repeats samples."""
+    return (
+        f"NeuralCollapseCallback: the validation DistributedSampler pads {samples} samples to a multiple of "
+        f"{world_size} ranks, so `{tag}` counts up to {world_size - 1} samples twice per validation run (as any "
+        "metric of that validation does). A validation set whose size is a multiple of the world size, or a "
+        "sampler that does not pad, counts every sample once."
     )
 
 

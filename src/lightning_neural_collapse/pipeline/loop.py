@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.callbacks import EarlyStopping, Timer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_neural_collapse.pipeline.schedule import Limits
@@ -42,6 +43,27 @@ def epoch_end_step(trainer: Any, *, after_epoch_end: bool) -> int:
     if not isinstance(stepped, int):
         return int(trainer.global_step)
     return max(stepped - 1, 0) if after_epoch_end else stepped
+
+
+def validation_step(trainer: Any) -> int:
+    """The logging step of the validation running now: the one Lightning logs its validation metrics at
+    (the batches-that-stepped counter; ``global_step`` where it is unavailable)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return stepped if isinstance(stepped, int) else int(trainer.global_step)
+
+
+def has_validation(trainer: Any, pl_module: Any) -> bool:
+    """Whether this fit can run a validation loop: the module has a ``validation_step`` and
+    ``limit_val_batches`` is not 0 (the loaders themselves are loaded later)."""
+    limit = getattr(trainer, "limit_val_batches", 1.0)
+    return bool(is_overridden("validation_step", pl_module)) and limit != 0
+
+
+def validation_loaders(trainer: Any) -> int:
+    """The number of validation dataloaders of the running validation (the same on every rank)."""
+    batches = getattr(trainer, "num_val_batches", None) or []
+    return len(batches) if isinstance(batches, (list, tuple)) else 1
 
 
 def length(loader: Any) -> int | None:

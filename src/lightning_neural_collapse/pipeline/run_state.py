@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from lightning_neural_collapse.pipeline.labels import LabelReader
 from lightning_neural_collapse.pipeline.samples import CaptureShapeError
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
 from lightning_neural_collapse.tpt import TPTDetector
+
+if TYPE_CHECKING:
+    from lightning_neural_collapse.pipeline.held_out import HeldOutRun
 
 LAGGED_NC4_KEY = "nc4_ncc_mismatch_prev_means"
 """Online NC4: the mismatch against the class means of the previous measurement (SPEC.md: say which in the tag)."""
@@ -60,6 +63,9 @@ class SavedState:
         self.unit_key = unit_key
         """The record key of the unit of measurement: ``"epoch"``, or ``"window"`` with ``every_n_train_steps``."""
         self.history: list[dict[str, float]] = []
+        self.val_history: list[dict[str, float]] = []
+        """One dict per measured validation run: ``epoch``, ``step`` and the held-out keys (``<loader>/<key>`` with
+        several validation dataloaders)."""
         self.tpt = TPTDetector(tpt_threshold)
         self.reference: Reference | None = None
         self.subset: list[int] | None = None
@@ -71,6 +77,7 @@ class SavedState:
     def clear(self) -> None:
         """Forget everything (a new run)."""
         self.history = []
+        self.val_history = []
         self.tpt = TPTDetector(self.tpt.threshold)
         self.reference = None
         self.subset = None
@@ -102,6 +109,7 @@ class SavedState:
         return {
             "version": STATE_VERSION,
             "history": [dict(row) for row in self.history],
+            "val_history": [dict(row) for row in self.val_history],
             **self.tpt.state_dict(),
             "reference_means": None if reference is None else reference.means,
             "reference_present": None if reference is None else reference.present,
@@ -112,6 +120,7 @@ class SavedState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (older checkpoints without some keys load too)."""
         self.history = [dict(row) for row in state.get("history", [])]
+        self.val_history = [dict(row) for row in state.get("val_history", [])]
         self.tpt.load_state_dict(state)
         means, present = state.get("reference_means"), state.get("reference_present")
         self.reference = Reference(means, present) if means is not None and present is not None else None
@@ -121,6 +130,17 @@ class SavedState:
         self.finished_epoch = finished
         self.subset = state.get("subset")
         self.restored = True
+
+
+class Sums(Protocol):
+    """What :meth:`FitState.add_batch` adds to: an accumulator allocated at the first batch, a failure, and which
+    loop the samples come from (``"training"`` or ``"validation"``)."""
+
+    accumulator: Accumulator | None
+    failure: str | None
+
+    @property
+    def loop(self) -> str: ...
 
 
 @dataclass
@@ -146,6 +166,7 @@ class OpenEpoch:
     failure: str | None = None
     step: int | None = None
     current_epoch: int = 0
+    loop: str = "training"
 
     def local(self, device: torch.device, *, statistics: bool) -> LocalEpoch:
         """What this rank brings to :func:`~lightning_neural_collapse.pipeline.compute.finish_epoch`: its counts
@@ -173,6 +194,8 @@ class FitState:
         exact_measured: an exact pass succeeded in this fit (before that, a failing pass is an error).
         subset: the ``(C,)`` mask of the classes measured (``classes=``), once chosen.
         last_finished: the latest epoch this fit recorded, and ``last_measured`` the latest it measured NC in.
+        validation: the validation run being accumulated
+            (:class:`~lightning_neural_collapse.pipeline.held_out.HeldOutRun`), or ``None``.
         warn: the warnings of this fit (each once).
     """
 
@@ -188,6 +211,7 @@ class FitState:
     subset: Tensor | None = None
     last_finished: int | None = None
     last_measured: int | None = None
+    validation: HeldOutRun | None = None
     warn: WarnOnce = field(default_factory=WarnOnce)
 
     def finish_first_step(
@@ -210,29 +234,44 @@ class FitState:
         After the first step nothing here raises: a batch that cannot be measured marks the epoch as failed
         (it is then skipped on every rank), with one warning.
         """
-        epoch, capture = self.open, self.binding.capture
-        if epoch is None or epoch.failure is not None:
+        epoch = self.open
+        if epoch is None:
             return
+        failure = self.add_batch(epoch, batch, lambda device: new_accumulator(device, epoch.plan.accumulates))
+        if failure is not None:
+            self.warn("batch-error", say.batch_error(epoch.epoch, failure))
+
+    def add_batch(self, sums: Sums, batch: Any, new_accumulator: Callable[[torch.device], Accumulator]) -> str | None:
+        """Add the latest forward's samples and ``batch``'s labels to ``sums`` (an open epoch, or a validation
+        loader's sums), allocating its accumulator with ``new_accumulator`` at the first batch; no host sync.
+
+        Returns:
+            The cause when this batch marked ``sums`` as failed (nothing raises after the first step), else ``None``.
+        """
+        if sums.failure is not None:
+            return None
+        training = sums.loop == "training"
         try:
-            calls = capture.calls
+            calls = self.binding.capture.calls
             captured = self.binding.take()
             if captured is None:
-                self.warn("no-forward", say.no_forward(self.binding.name))
-                return
-            if calls > 1:
+                self.warn(f"no-forward-{sums.loop}", say.no_forward(self.binding.name, sums.loop))
+                return None
+            if calls > 1 and training:
                 self.warn("forwards", say.several_forwards(self.binding.name, calls))
             if self.shapes is None or self.labels is None:
-                return
+                return None
             labels = self.labels.read(batch, captured.features.device, captured.layout)
             if labels.shape[0] != captured.num_samples:
                 self.warn("batch-size", say.batch_size_mismatch(labels.shape[0], captured.num_samples))
-                return
-            if epoch.accumulator is None:
-                epoch.accumulator = new_accumulator(captured.features.device, epoch.plan.accumulates)
-            epoch.accumulator.add(captured, labels)
+                return None
+            if sums.accumulator is None:
+                sums.accumulator = new_accumulator(captured.features.device)
+            sums.accumulator.add(captured, labels)
         except Exception as err:  # after the first step's checks, never stop the run
-            epoch.failure = str(err) if isinstance(err, CaptureShapeError) else f"{type(err).__name__}: {err}"
-            self.warn("batch-error", say.batch_error(epoch.epoch, epoch.failure))
+            sums.failure = str(err) if isinstance(err, CaptureShapeError) else f"{type(err).__name__}: {err}"
+            return sums.failure
+        return None
 
     def close(self) -> None:
         """Remove the hooks (and a first-step probe still watching)."""

@@ -24,16 +24,38 @@ _CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def dashboard_layout(prefix: str | Sequence[str] = "nc") -> dict[str, dict[str, list[Any]]]:
+# (title, ((training key or None, held-out key or None), ...)): training and validation lines in one chart
+_HELD_OUT_CHARTS: tuple[tuple[str, tuple[tuple[str | None, str | None], ...]], ...] = (
+    ("NC1: training vs validation", (("nc1", "nc1"),)),
+    ("CDNV: training vs validation", (("nc1_cdnv", "nc1_cdnv"),)),
+    ("Validation accuracy: network vs nearest training mean", ((None, "accuracy"), (None, "ncc_accuracy"))),
+    (
+        "NC4: training vs validation",
+        (("nc4_ncc_mismatch", "nc4_ncc_mismatch"), ("nc4_ncc_mismatch_prev_means", None)),
+    ),
+    ("Validation mean shift", ((None, "mean_shift"),)),
+)
+
+
+def dashboard_layout(
+    prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = ()
+) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {chart: ["Multiline", [tag regexes]]}}`` for
     ``SummaryWriter.add_custom_scalars``: one category ``f"Neural collapse ({prefix})"`` per prefix, with
     the charts NC1, NC2 equinorm, NC2 equiangularity, NC2 max-angle, NC2 ETF distance, NC3, NC4,
     Training error and ETF gaps. Each regex matches exactly one tag, e.g. ``^nc/nc1$``.
 
+    For each prefix in ``held_out`` (those that measure a validation loop) a category
+    ``f"Held-out collapse ({prefix})"`` puts training and validation in one chart: NC1, CDNV, the validation
+    accuracy of the network and of the nearest training class mean, NC4, and the mean shift. A held-out regex
+    matches the tag of every validation dataloader, e.g. ``^nc_val/([^/]+/)?nc1$``.
+
     Example:
-        >>> layout = dashboard_layout("nc")
+        >>> layout = dashboard_layout("nc", held_out=["nc"])
         >>> layout["Neural collapse (nc)"]["NC1"]
         ['Multiline', ['^nc/nc1$', '^nc/nc1_cdnv$']]
+        >>> layout["Held-out collapse (nc)"]["NC1: training vs validation"]
+        ['Multiline', ['^nc/nc1$', '^nc_val/([^/]+/)?nc1$']]
     """
     prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
     layout: dict[str, dict[str, list[Any]]] = {}
@@ -43,16 +65,26 @@ def dashboard_layout(prefix: str | Sequence[str] = "nc") -> dict[str, dict[str, 
         }
         charts["ETF gaps"] = ["Multiline", [f"^{re.escape(p + '/')}[A-Za-z0-9_]+_gap$"]]
         layout[f"Neural collapse ({p})"] = charts
+    for p in held_out:
+        val = re.escape(f"{p}_val/")
+        layout[f"Held-out collapse ({p})"] = {
+            title: [
+                "Multiline",
+                [f"^{re.escape(f'{p}/{train}')}$" for train, _ in lines if train]
+                + [f"^{val}([^/]+/)?{key}$" for _, key in lines if key],
+            ]
+            for title, lines in _HELD_OUT_CHARTS
+        }
     return layout
 
 
 @rank_zero_only
-def log_dashboard(loggers: Sequence[Logger], prefix: str | Sequence[str] = "nc") -> None:
+def log_dashboard(loggers: Sequence[Logger], prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = ()) -> None:
     """Write :func:`dashboard_layout` with ``experiment.add_custom_scalars`` to each TensorBoard-like
     logger (others are left alone); returns nothing. A run keeps only its latest layout, so pass every
     prefix in one call. Failures give one ``RuntimeWarning`` per logger type. Runs on global rank 0 only.
     """
-    layout = dashboard_layout(prefix)
+    layout = dashboard_layout(prefix, held_out)
     for logger in loggers:
         add = getattr(experiment_of(logger), "add_custom_scalars", None)
         if not callable(add):

@@ -18,37 +18,85 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-# (panel title, y label, ((history key, legend label, line style), ...))
+# (panel title, y label, ((history key, legend label, line style), ...)); "val:" keys come from the held-out records
 _PANELS: tuple[tuple[str, str, tuple[tuple[str, str, str], ...]], ...] = (
-    ("NC1: within-class variability", r"$\mathrm{Tr}(\Sigma_W \Sigma_B^{+})/C$", (("nc1", "", "-"),)),
-    ("NC1: CDNV", "class-distance normalised var.", (("nc1_cdnv", "", "-"),)),
+    (
+        "NC1: within-class variability",
+        r"$\mathrm{Tr}(\Sigma_W \Sigma_B^{+})/C$",
+        (("nc1", "training", "-"), ("val:nc1", "validation", ":")),
+    ),
+    (
+        "NC1: CDNV",
+        "class-distance normalised var.",
+        (("nc1_cdnv", "training", "-"), ("val:nc1_cdnv", "validation", ":")),
+    ),
     (
         "NC2: equinorm",
         "Std / Avg of norms",
-        (("nc2_equinorm_means", "class means", "-"), ("nc2_equinorm_weights", "classifier", "--")),
+        (
+            ("nc2_equinorm_means", "class means", "-"),
+            ("nc2_equinorm_weights", "classifier", "--"),
+            ("val:nc2_equinorm_means", "validation means", ":"),
+        ),
     ),
     (
         "NC2: equiangularity",
         "Std of cosines",
-        (("nc2_equiangular_means", "class means", "-"), ("nc2_equiangular_weights", "classifier", "--")),
+        (
+            ("nc2_equiangular_means", "class means", "-"),
+            ("nc2_equiangular_weights", "classifier", "--"),
+            ("val:nc2_equiangular_means", "validation means", ":"),
+        ),
     ),
     (
         "NC2: max-angle",
         r"Avg $|\cos + 1/(C-1)|$",
-        (("nc2_maxangle_means", "class means", "-"), ("nc2_maxangle_weights", "classifier", "--")),
+        (
+            ("nc2_maxangle_means", "class means", "-"),
+            ("nc2_maxangle_weights", "classifier", "--"),
+            ("val:nc2_maxangle_means", "validation means", ":"),
+        ),
     ),
     ("NC3: self-duality", r"$\|W^T/\|W\| - M/\|M\|\|^2$", (("nc3_self_duality", "", "-"),)),
     (
         "NC4: NCC mismatch",
         "fraction of samples",
-        (("nc4_ncc_mismatch", "exact pass", "-"), ("nc4_ncc_mismatch_prev_means", "previous means", "-")),
+        (
+            ("nc4_ncc_mismatch", "exact pass", "-"),
+            ("nc4_ncc_mismatch_prev_means", "previous means", "-"),
+            ("val:nc4_ncc_mismatch", "validation", ":"),
+        ),
     ),
     (
         "Training error",
         "fraction misclassified",
-        (("train_error", "training steps", "-"), ("train_error_eval", "eval pass", "--")),
+        (
+            ("train_error", "training steps", "-"),
+            ("train_error_eval", "eval pass", "--"),
+            ("val:error", "validation", ":"),
+            ("val:ncc_error", "validation, NCC rule", ":"),
+        ),
     ),
 )
+
+
+def _val_rows(val_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out records as ``val:<key>`` rows (the first dataloader's keys when there are several), with the
+    errors ``val:error`` (``1 - accuracy``) and ``val:ncc_error`` (``1 - ncc_accuracy``)."""
+    rows = []
+    for record in val_history:
+        tagged = sorted({key.split("/", 1)[0] for key in record if "/" in key})
+        head = f"{tagged[0]}/" if tagged and "accuracy" not in record else ""
+        row: dict[str, Any] = {key: record[key] for key in ("epoch", "step") if key in record}
+        for key, value in record.items():
+            if key.startswith(head) and key not in ("epoch", "step"):
+                row[f"val:{key[len(head) :]}"] = value
+        for name, key in (("val:error", "val:accuracy"), ("val:ncc_error", "val:ncc_accuracy")):
+            value = finite_float(row.get(key))
+            if value is not None:
+                row[name] = 1.0 - value
+        rows.append(row)
+    return rows
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str, x: str = "epoch") -> tuple[list[float], list[float]]:
@@ -69,13 +117,14 @@ def _panel(
     lines: tuple[tuple[str, str, str], ...],
     tpt_epoch: int | None,
     x: str = "epoch",
+    val_rows: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plotted: list[float] = []
     drawn = 0
     for key, label, style in lines:
-        xs, ys = _series(history, key, x)
+        xs, ys = _series(val_rows if key.startswith("val:") else history, key, x)
         if xs:
             drawn += 1
             ax.plot(xs, ys, style, marker="o", markersize=2.5, linewidth=1.3, label=label or key)
@@ -99,11 +148,18 @@ def _panel(
     ax.grid(True, which="major", alpha=0.3)
 
 
-def plot_history(history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str | None = None) -> Figure:
+def plot_history(
+    history: Sequence[Mapping[str, float]],
+    tpt_epoch: int | None,
+    title: str | None = None,
+    val_history: Sequence[Mapping[str, float]] = (),
+) -> Figure:
     """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with 8 panels against the epoch (against the
     step when the records are windows of steps, with ``tpt_epoch`` then the step where TPT began): NC1,
     NC1 CDNV, NC2 equinorm, NC2 equiangularity, NC2 max-angle (class means solid, classifier dashed),
-    NC3 self-duality, NC4 NCC mismatch and training error.
+    NC3 self-duality, NC4 NCC mismatch and training error. ``val_history`` (the held-out records) adds dotted
+    validation lines: test collapse in the NC1 and NC2 panels, the validation NC4, and the validation error of
+    the network and of the NCC rule with the training means.
 
     ``history`` holds one mapping per measurement with ``"epoch"`` and any of the keys ``train_error``,
     ``nc1``, ``nc1_cdnv``, ``nc2_*_means``/``nc2_*_weights``, ``nc3_self_duality``, ``nc4_ncc_mismatch``;
@@ -129,8 +185,9 @@ def plot_history(history: Sequence[Mapping[str, float]], tpt_epoch: int | None, 
     # fixed margins: a layout engine would triple the drawing time
     figure.subplots_adjust(left=0.055, right=0.99, bottom=0.08, top=0.9 if title else 0.94, wspace=0.4, hspace=0.45)
     x = "step" if any("window" in row for row in history) else "epoch"
+    val_rows = _val_rows(val_history)
     for ax, (panel_title, ylabel, lines) in zip(axes, _PANELS, strict=True):
-        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch, x)
+        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch, x, val_rows)
     if title:
         figure.suptitle(title, fontsize=12)
     return figure

@@ -52,14 +52,17 @@ class Reporter:
         self.figure_name = figure_name
         self.global_mean = global_mean
 
-    def dashboard(self, trainer: Any, prefixes: Sequence[str]) -> None:
-        """Write one custom-scalars layout holding every prefix (rank 0; call it from one instance only)."""
+    def dashboard(self, trainer: Any, prefixes: Sequence[str], held_out: Sequence[str] = ()) -> None:
+        """Write one custom-scalars layout holding every prefix, with the train-vs-validation charts of those in
+        ``held_out`` (rank 0; call it from one instance only)."""
         if trainer.is_global_zero:
-            log_dashboard(trainer.loggers, list(prefixes))
+            log_dashboard(trainer.loggers, list(prefixes), list(held_out))
 
-    def scalars(self, trainer: Any, record: Mapping[str, float]) -> None:
-        """``record``'s values as ``<prefix>/<key>`` at ``record["step"]``, and into ``callback_metrics``."""
-        scalars = {f"{self.prefix}/{key}": float(value) for key, value in record.items() if key not in _NOT_SCALARS}
+    def scalars(self, trainer: Any, record: Mapping[str, float], prefix: str | None = None) -> None:
+        """``record``'s values as ``<prefix>/<key>`` at ``record["step"]``, and into ``callback_metrics``
+        (``prefix``: another first part, for example the held-out ``nc_val``)."""
+        head = self.prefix if prefix is None else prefix
+        scalars = {f"{head}/{key}": float(value) for key, value in record.items() if key not in _NOT_SCALARS}
         metrics = {key: torch.tensor(value, dtype=torch.float64) for key, value in scalars.items()}
         trainer.callback_metrics.update(metrics)  # float64: monitors score the logged value itself
         log_scalars(trainer.loggers, scalars, int(record["step"]))
@@ -81,7 +84,12 @@ class Reporter:
         log_histograms(trainer.loggers, values, step, prefix=self.prefix, ideal=ideal)
 
     def final_figure(
-        self, trainer: Any, history: Sequence[Mapping[str, float]], tpt_epoch: int | None, title: str
+        self,
+        trainer: Any,
+        history: Sequence[Mapping[str, float]],
+        tpt_epoch: int | None,
+        title: str,
+        val_history: Sequence[Mapping[str, float]] = (),
     ) -> str | None:
         """Draw the history, log it as ``<prefix>/figure`` and save it in the run's directory (rank 0).
 
@@ -92,7 +100,7 @@ class Reporter:
         if not (self.figure and trainer.is_global_zero and trainer.loggers and history):
             return None
         try:
-            figure = plot_history(history, tpt_epoch, title=title)
+            figure = plot_history(history, tpt_epoch, title=title, val_history=val_history)
             step = int(history[-1].get("step", trainer.global_step))
             log_figure(trainer.loggers, figure, step=step, tag=f"{self.prefix}/figure")
             # not `trainer.log_dir`: it broadcasts (a collective) and only rank 0 gets here
