@@ -233,6 +233,9 @@ def build_summary(
             a, b = rows["start"][key], rows["end"][key]
             ratios[key] = a / b if a is not None and b not in (None, 0) else None
     figure = getattr(cb, "figure_path", None)
+    last_val = cb.val_history[-1] if cb.val_history else {}
+    held_out = {key: last_val.get(key) for key in ("epoch", "nc1", "accuracy", "ncc_accuracy", "mean_shift")}
+    held_out["train_nc1"] = rows["end"]["nc1"] if rows else None
     return {
         "tpt_epoch": tpt,
         "tpt_reached": tpt is not None,
@@ -247,6 +250,8 @@ def build_summary(
         "epochs_out_of_tpt": [
             int(r["epoch"]) for r in cb.history if tpt is not None and r["epoch"] > tpt and r["train_error"] > 0
         ],
+        # the last validation against the last training measurement (nc_val/ keys): test collapse
+        "held_out": held_out if last_val else None,
         "figure_path": os.path.abspath(figure) if figure else None,
         "log_dir": os.path.abspath(log_dir),
         "wall_time_s": wall_time_s,
@@ -298,6 +303,16 @@ def format_summary(summary: dict[str, Any], logdir: str) -> str:
         lines.append("features collapse; NC4 is the fraction of samples where classifier and nearest mean differ.")
         if summary["epochs_out_of_tpt"]:
             lines.append(f"The training error left 0 again at epochs {summary['epochs_out_of_tpt']}.")
+        held = summary.get("held_out")
+        if held:
+            lines.append(
+                f"Held out (test split, epoch {_fmt(held['epoch'], 'int')}): NC1 {_fmt(held['nc1'])} (training set: "
+                f"{_fmt(held['train_nc1'])}); nearest training class mean {_fmt(held['ncc_accuracy'], 'pct')} correct,"
+            )
+            lines.append(
+                f"network {_fmt(held['accuracy'], 'pct')}; the test class means sit {_fmt(held['mean_shift'])} of "
+                "the class spread away from the training ones."
+            )
     else:
         lines.append("Neural Collapse was not measured (no history).")
     lines.append(f"Figure:   {summary['figure_path'] or '(not saved)'}")
