@@ -364,3 +364,48 @@ def test_each_class_takes_its_first_sample_as_shift() -> None:
     assert metric.shift.tolist() == [[5.0, 5.0], [4.0, 4.0], [1.0, 2.0]]  # class 0 keeps its shift
     means = metric.statistics().means
     assert means.tolist() == [[5.0, 5.0], [4.0, 4.0], [1.0, 2.0]]
+
+
+def test_nonfinite_rows_and_float32_overflow_are_skipped_and_counted() -> None:
+    """A NaN/Inf feature, or one whose ||h - s||^2 overflows float32, is left out and counted, never summed."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 4, generator=g)
+    labels = torch.arange(12) % 3
+    bad = features.clone()
+    bad[1, 2], bad[5, 0], bad[7, 3] = float("nan"), float("inf"), 3e19  # 3e19 squared overflows float32
+    for dtype in (torch.float32, torch.float64):
+        metric = NeuralCollapse(3, 4, accumulate_dtype=dtype)
+        metric.update(bad, labels)
+        keep = torch.ones(12, dtype=torch.bool)
+        keep[[1, 5]] = False
+        if dtype == torch.float32:
+            keep[7] = False
+        assert metric.skipped() == {"nonfinite": int((~keep).sum()), "bad_label": 0}
+        stats = metric.statistics()
+        if dtype == torch.float32:
+            clean = NeuralCollapse(3, 4)
+            clean.update(features[keep], labels[keep])
+            assert torch.allclose(stats.within_cov, clean.statistics().within_cov, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(stats.means).all() and torch.isfinite(stats.within_cov).all()
+
+
+def test_shifts_from_the_data_per_class_and_per_sample() -> None:
+    """Both routes of the first-sample shift (C <= B per class, C > B per sample) give the same statistics; a
+    class whose first sample is NaN takes its first finite one."""
+    g = torch.Generator().manual_seed(1)
+    means = 1e3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 0])
+    features = means[labels] + 1e-3 * torch.randn(14, 5, generator=g, dtype=torch.float64)
+    features[0, 0] = float("nan")  # class 0's first sample
+    expected = NeuralCollapse(6, 5)
+    for start in range(0, 14, 14):
+        expected.update(features[start : start + 14], labels[start : start + 14])
+    small_batches = NeuralCollapse(6, 5)  # C = 6 > B = 4: the per-sample route
+    for start in range(0, 14, 4):
+        small_batches.update(features[start : start + 4], labels[start : start + 4])
+    a, b = expected.statistics(), small_batches.statistics()
+    assert torch.allclose(a.means, b.means, rtol=1e-12) and torch.allclose(
+        a.within_cov, b.within_cov, rtol=1e-9, atol=1e-12
+    )
+    assert bool(expected.shift_set.all()) and float(expected.shift[0].abs().sum()) > 0  # a later sample of 0
+    assert expected.skipped()["nonfinite"] == 1

@@ -117,7 +117,11 @@ def geometry(
 
 
 def metrics_from_statistics(
-    stats: ClassStatistics, weight: Tensor | None = None, *, global_mean: GlobalMean = "classes"
+    stats: ClassStatistics,
+    weight: Tensor | None = None,
+    *,
+    global_mean: GlobalMean = "classes",
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, float]:
     """Every key of SPEC.md but ``nc4_ncc_mismatch`` from per-class statistics.
 
@@ -129,11 +133,12 @@ def metrics_from_statistics(
         stats: per-class statistics (:func:`class_statistics` or ``NeuralCollapse.statistics()``).
         weight: optional ``(C, D)`` classifier weight; adds the keys of :data:`CLASSIFIER_KEYS`.
         global_mean: ``"classes"`` (mean of the class means, default) or ``"sample"``.
+        dtype: dtype of the Gram tiles of the pair metrics (:func:`geometry`).
 
     Returns:
         A dict from metric key to a dimensionless float.
     """
-    return geometry(stats, weight, global_mean=global_mean).values
+    return geometry(stats, weight, global_mean=global_mean, dtype=dtype).values
 
 
 def neural_collapse_metrics(

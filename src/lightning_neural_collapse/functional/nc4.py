@@ -21,7 +21,9 @@ class NearestClassCentre:
     With ``search_dtype=torch.float32`` the products are float32 (several times faster) and keep the
     ``candidates`` nearest classes of each sample; their distances are then recomputed exactly in float64 and the
     nearest of them is chosen, so the decision is the float64 one unless more than ``candidates`` classes lie
-    within float32 rounding of the nearest. No host-device synchronisation either way.
+    within float32 rounding of the nearest. No host-device synchronisation either way. :meth:`nearest` also
+    tells which rows were finite, read from the distances themselves (a NaN or Inf feature makes them all
+    non-finite), so no separate pass over the features is needed.
 
     Args:
         means: ``(C, D)`` class means, one row per class label.
@@ -43,7 +45,7 @@ class NearestClassCentre:
         present: Tensor | None = None,
         chunk_size: int = DEFAULT_CLASS_CHUNK,
         search_dtype: torch.dtype = torch.float64,
-        candidates: int = 4,
+        candidates: int = 2,
     ) -> None:
         if means.ndim != 2:
             raise ValueError(f"means must have shape (num_classes, dim), got {tuple(means.shape)}")
@@ -78,17 +80,22 @@ class NearestClassCentre:
 
     def predict(self, features: Tensor) -> Tensor:
         """``(N,)`` int64 labels of the nearest present class centre of each of the ``(N, D)`` features."""
+        return self.nearest(features)[0]
+
+    def nearest(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(labels, finite)``: the ``(N,)`` int64 nearest present class of each of the ``(N, D)`` features, and
+        the ``(N,)`` bool mask of the rows whose distances are finite (the label of another row is meaningless)."""
         h = features.detach().to(self.centred.device, torch.float64) - self.centre_of_mass
         if self.search_dtype == torch.float64:
             return self._argmin(h)
         return self._reranked(h)
 
-    def _argmin(self, h: Tensor) -> Tensor:
+    def _argmin(self, h: Tensor) -> tuple[Tensor, Tensor]:
         best_value: Tensor | None = None
         best_index: Tensor | None = None
         for start in range(0, self.num_classes, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_classes)
-            dist = self.sq_norms[start:stop][None, :] - 2.0 * (h @ self.centred[start:stop].T)
+            dist = torch.addmm(self.sq_norms[start:stop], h, self.centred[start:stop].T, alpha=-2.0)
             value, index = dist.min(dim=1)
             index = index + start
             if best_value is None or best_index is None:
@@ -97,28 +104,45 @@ class NearestClassCentre:
                 better = value < best_value  # strict: an earlier chunk keeps its ties
                 best_value = torch.where(better, value, best_value)
                 best_index = torch.where(better, index, best_index)
-        assert best_index is not None  # means has at least one row (checked by its shape)
-        return best_index
+        assert best_index is not None and best_value is not None  # means has a row (checked by its shape)
+        return best_index, torch.isfinite(best_value)
 
-    def _reranked(self, h: Tensor) -> Tensor:
+    def _reranked(self, h: Tensor) -> tuple[Tensor, Tensor]:
         h_search = h.to(self.search_dtype)
         k = self.candidates
         kept_value: Tensor | None = None
         kept_index: Tensor | None = None
         for start in range(0, self.num_classes, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_classes)
-            dist = self._search_norms[start:stop][None, :] - 2.0 * (h_search @ self._search[start:stop].T)
-            value, index = dist.topk(min(k, stop - start), dim=1, largest=False)
+            dist = torch.addmm(self._search_norms[start:stop], h_search, self._search[start:stop].T, alpha=-2.0)
+            value, index = _smallest(dist, min(k, stop - start))
             index = index + start
             if kept_value is not None and kept_index is not None:
                 value, index = torch.cat([kept_value, value], dim=1), torch.cat([kept_index, index], dim=1)
                 value, order = value.topk(min(k, value.shape[1]), dim=1, largest=False)
                 index = index.gather(1, order)
             kept_value, kept_index = value, index
-        assert kept_index is not None
+        assert kept_index is not None and kept_value is not None
         labels, _ = kept_index.sort(dim=1)  # so that an exact tie goes to the smallest label
-        exact = self.sq_norms[labels] - 2.0 * torch.einsum("nd,nkd->nk", h, self.centred[labels])
-        return labels.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
+        rows, kept = labels.shape
+        flat = labels.reshape(-1)
+        norms = self.sq_norms.index_select(0, flat).view(rows, kept, 1)
+        centres = self.centred.index_select(0, flat).view(rows, kept, -1)
+        exact = torch.baddbmm(norms, centres, h.unsqueeze(2), alpha=-2.0).squeeze(2)  # float64 distances
+        return labels.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1), torch.isfinite(kept_value[:, 0])
+
+
+def _smallest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest values of each row of ``dist`` (NaN rows give NaN) and their columns, smallest first;
+    ``k <= 2`` by one or two ``min`` passes (much faster than ``topk`` on the CPU). Overwrites ``dist``."""
+    value, index = dist.min(dim=1, keepdim=True)
+    if k == 1:
+        return value, index
+    if k == 2:
+        dist.scatter_(1, index, float("inf"))
+        second, where = dist.min(dim=1, keepdim=True)
+        return torch.cat([value, second], dim=1), torch.cat([index, where], dim=1)
+    return dist.topk(k, dim=1, largest=False)
 
 
 def ncc_predictions(features: Tensor, means: Tensor, present: Tensor | None = None) -> Tensor:

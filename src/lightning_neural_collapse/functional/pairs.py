@@ -7,8 +7,9 @@ keeps sums (of the cosines' distance to the simplex value and its square, of its
 energy, of the CDNV terms, of the squared ETF deviation) and fixed histogram bins. Each tile is reduced in its
 own dtype (PyTorch's cascaded summation) and the tiles' sums add up in float64. Every step after the matrix
 product works in place on two preallocated tile buffers: fresh ``tile x C`` allocations would cost more than
-the arithmetic. Memory is ``O(tile * C + C * D + D^2)``, time ``O(C^2 D)``: one Gram of the vectors, the floor
-for all-pair metrics, plus about thirty passes over each tile.
+the arithmetic. The Gram is symmetric, so each tile holds the upper part only: rows ``a:b`` against columns
+``a:C``, whose pairs right of the diagonal block count for both orders. Memory is ``O(tile * C + C * D + D^2)``,
+time ``O(C^2 D / 2)``: half a Gram of the vectors, plus about thirty passes over half of each tile.
 
 Example:
     >>> import torch
@@ -92,6 +93,12 @@ class PairSums:
         return math.sqrt(self.etf_sq_sum) if self.etf_sq_sum >= 0 else math.nan
 
 
+def _both_orders(values: Tensor, width: int) -> Tensor:
+    """The float64 sum over ordered pairs of an upper tile: its diagonal block once, the columns right of it
+    twice (each stands for its mirror image below the diagonal)."""
+    return values[:, :width].sum().to(torch.float64) + 2.0 * values[:, width:].sum().to(torch.float64)
+
+
 def tile_rows(num_vectors: int, budget: int = TILE_ELEMENTS) -> int:
     """Rows per Gram tile for ``num_vectors`` vectors: about ``budget`` elements per tile.
 
@@ -146,54 +153,63 @@ def pair_sums(
     sq = sq_norms.to(dtype)
     var = None if variances is None else variances.detach().to(device=device, dtype=torch.float64)
     rows = min(tile or tile_rows(num), num)
-    gram_buf = torch.empty(rows, num, dtype=dtype, device=device)
-    work_buf = torch.empty(rows, num, dtype=dtype, device=device)
+    gram_buf = torch.empty(rows * num, dtype=dtype, device=device)  # flat: each tile is a contiguous view
+    work_buf = torch.empty(rows * num, dtype=dtype, device=device)
     bins = 0 if edges is None else len(edges) - 1
     histogram = None if edges is None else torch.zeros(bins, dtype=torch.long, device=device)
     index_buf = None
     if edges is not None:
-        index_buf = torch.empty(rows, num, dtype=torch.uint8 if bins < 255 else torch.long, device=device)
+        index_buf = torch.empty(rows * num, dtype=torch.uint8 if bins < 255 else torch.long, device=device)
     low, high = (0.0, 1.0) if edges is None else (float(edges[0]), float(edges[-1]))
     # each tile's sums (reduced in the tile dtype) of x, x^2, |x|, the log1p terms, the CDNV terms, etf^2
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     extremes = torch.tensor([math.inf, -math.inf], dtype=torch.float64, device=device)
     too_close = torch.zeros((), dtype=torch.bool, device=device)
     for start in range(0, num, rows):
+        # the upper part only: rows start:stop against columns start:C. Its first `width` columns (the diagonal
+        # block) hold both orders of their pairs; every pair to their right stands for its mirror image too
         stop = min(start + rows, num)
-        here = torch.arange(stop - start, device=device)
-        gram = torch.mm(low_v[start:stop], columns, out=gram_buf[: stop - start])  # raw Gram tile, (tile, C)
-        work = work_buf[: stop - start]
+        width, cols = stop - start, num - start
+        gram = torch.mm(low_v[start:stop], columns[:, start:], out=gram_buf[: width * cols].view(width, cols))
+        work = work_buf[: width * cols].view(width, cols)
         if var is not None:  # ||v_c - v_c'||^2 = |v_c|^2 + |v_c'|^2 - 2 <v_c, v_c'>, the diagonal left out
-            torch.mul(gram, -2.0, out=work).add_(sq[start:stop, None]).add_(sq[None, :])
-            work.diagonal(start).fill_(math.inf)
+            torch.mul(gram, -2.0, out=work).add_(sq[start:stop, None]).add_(sq[None, start:])
+            work.diagonal(0).fill_(math.inf)
             too_close |= work.amin() <= 0
             work.reciprocal_()  # (var_c + var_c') / (2 d^2) summed = (sum_c var_c R_c. + sum_c' R_.c' var_c') / 2
-            row_terms = (work.sum(dim=1).to(torch.float64) * var[start:stop]).sum()
-            column_terms = (work.sum(dim=0).to(torch.float64) * var).sum()
-            totals[4] += 0.5 * (row_terms + column_terms)
+            rows_var, cols_var = var[start:stop], var[start:]
+            block, right = work[:, :width], work[:, width:]
+            totals[4] += 0.5 * (
+                (block.sum(dim=1).to(torch.float64) * rows_var).sum()
+                + (block.sum(dim=0).to(torch.float64) * cols_var[:width]).sum()
+            )
+            totals[4] += (right.sum(dim=1).to(torch.float64) * rows_var).sum()
+            totals[4] += (right.sum(dim=0).to(torch.float64) * cols_var[width:]).sum()
         # the ETF deviation G/||G|| - (I - 11^T/C)/sqrt(C-1), squared and summed
         torch.mul(gram, 1.0 / gram_norm if gram_norm > 0 else math.nan, out=work).sub_(off_target)
-        work.diagonal(start).sub_(diag_target - off_target)
-        totals[5] += work.square_().sum().to(torch.float64)  # sum(): cascaded; vector_norm is not, in float32
-        cos = gram.mul_(inv_norms[start:stop, None]).mul_(inv_norms[None, :])
-        diagonal = cos.diagonal(start)
-        diagonal.copy_(cos[here, (here + start + 1) % num])  # a pair's cosine in place of 1: min and max
+        work.diagonal(0).sub_(diag_target - off_target)
+        totals[5] += _both_orders(work.square_(), width)  # sum(): cascaded; vector_norm is not, in float32
+        cos = gram.mul_(inv_norms[start:stop, None]).mul_(inv_norms[None, start:])
+        diagonal = cos.diagonal(0)
+        diagonal.fill_(math.inf)
         extremes[0] = torch.minimum(extremes[0], cos.amin().to(torch.float64))
+        diagonal.fill_(-math.inf)
         extremes[1] = torch.maximum(extremes[1], cos.amax().to(torch.float64))
         cos.clamp_(-1.0, 1.0)
         if histogram is not None and index_buf is not None:  # uniform bins, values outside in the end bins
             torch.sub(cos, low, out=work).mul_(bins / (high - low)).floor_().clamp_(0, bins - 1)
-            index = index_buf[: stop - start]
+            index = index_buf[: width * cols].view(width, cols)
             index.copy_(work)
-            index.diagonal(start).fill_(bins)
-            histogram += torch.bincount(index.view(-1), minlength=bins + 1)[:bins]
+            index.diagonal(0).fill_(bins)
+            histogram += torch.bincount(index[:, :width].reshape(-1), minlength=bins + 1)[:bins]
+            histogram += 2 * torch.bincount(index[:, width:].reshape(-1), minlength=bins + 1)[:bins]
         diagonal.fill_(-ideal)
         x = cos.add_(ideal)  # the distance to the simplex value; 0 on the diagonal
-        totals[0] += x.sum().to(torch.float64)
-        totals[1] += torch.mul(x, x, out=work).sum().to(torch.float64)
-        totals[2] += torch.abs(x, out=work).sum().to(torch.float64)
+        totals[0] += _both_orders(x, width)
+        totals[1] += _both_orders(torch.mul(x, x, out=work), width)
+        totals[2] += _both_orders(torch.abs(x, out=work), width)
         # log(1/||u_c - u_c'||) = -(log(2 + 2/(C-1)) + log1p(-x / (1 + 1/(C-1)))) / 2; 0 on the diagonal
-        totals[3] += torch.mul(x, -1.0 / (1.0 + ideal), out=work).log1p_().sum().to(torch.float64)
+        totals[3] += _both_orders(torch.mul(x, -1.0 / (1.0 + ideal), out=work).log1p_(), width)
     sums = totals.tolist()
     pairs = num * (num - 1)
     log_energy = -0.5 * (pairs * math.log(2.0 + 2.0 * ideal) + sums[3])

@@ -59,7 +59,7 @@ class NCCMismatch(SumStateMetric):
         if logits.ndim != 2 or logits.shape[0] != features.shape[0]:
             raise ValueError(f"logits must have shape ({features.shape[0]}, num_classes), got {tuple(logits.shape)}")
         logits = logits.detach()
-        finite = torch.isfinite(logits).all(dim=1)
+        finite = torch.isfinite(logits.sum(dim=1))  # a NaN or Inf logit makes its row's sum non-finite
         counted = finite if counted is None else counted.to(finite.device) & finite
         self.update_decisions(features, logits.argmax(dim=1), counted)
 
@@ -70,12 +70,9 @@ class NCCMismatch(SumStateMetric):
         (``counted``: which samples to count, for example those with finite logits). With ``(B,)`` integer
         ``labels`` it also counts the samples whose nearest class centre is their label (:meth:`accuracy`)."""
         device = self.mismatches.device
-        features = features.detach().to(device)
-        valid = torch.isfinite(features).all(dim=1)
+        nearest, valid = self.ncc.nearest(features.detach().to(device))  # valid: the features were finite
         if counted is not None:
             valid = valid & counted.to(device)
-        safe = torch.where(valid[:, None], features, torch.zeros((), dtype=features.dtype, device=device))
-        nearest = self.ncc.predict(safe)
         mismatch = predictions.detach().to(device) != nearest
         self.mismatches += (mismatch & valid).sum()
         self.total += valid.sum()

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import metrics_from_statistics
+from lightning_neural_collapse.functional.gram import add_upper_gram_, symmetric_from_upper
 from lightning_neural_collapse.functional.statistics import GLOBAL_MEAN_CHOICES, ClassStatistics, GlobalMean
 from lightning_neural_collapse.metrics.base import SumStateMetric, all_reduce_sum
 
@@ -20,7 +21,8 @@ class NeuralCollapse(SumStateMetric):
     r"""Per-class sufficient statistics of features, fed batch by batch, summed over ranks.
 
     States (all ``dist_reduce_fx="sum"``, fixed shapes): per-class counts ``n_c`` (int64), shifted sums
-    ``S_c = sum (h_i - s_c)``, the shifted second moment ``Q = sum (h_i - s_y)(h_i - s_y)^T`` and
+    ``S_c = sum (h_i - s_c)``, the shifted second moment ``Q = sum (h_i - s_y)(h_i - s_y)^T`` (its upper
+    triangle, with the diagonal: the symmetric product costs about half a matrix product per batch) and
     ``q_c = sum ||h_i - s_c||^2``, plus counters of skipped samples. Everything SPEC.md defines except NC4
     follows from them.
 
@@ -33,16 +35,20 @@ class NeuralCollapse(SumStateMetric):
     summed (``O(C D^2)`` once per sync). Passing identical means to :meth:`set_shift` on every rank avoids it.
 
     Samples whose label is ``ignore_index`` are dropped silently; samples with a label outside
-    ``[0, num_classes)``, a non-finite feature or (when ``finite_logits`` is passed) non-finite logits are
-    dropped and counted (:meth:`skipped`). ``update`` never synchronises with the host.
+    ``[0, num_classes)``, a non-finite feature (or one so large that ``||h - s_c||^2`` overflows the
+    accumulate dtype: about 1.8e19 in float32) or, when ``finite_logits`` is passed, non-finite logits are
+    dropped and counted (:meth:`skipped`). ``update`` never synchronises with the host, and its per-sample work
+    besides the symmetric product is a few passes over the ``(B, D)`` batch.
 
     Args:
         num_classes: number of classes ``C`` (labels ``0..C-1``).
         dim: feature dimension ``D``.
         global_mean: ``"classes"`` (mean of the class means, SPEC.md default) or ``"sample"``.
         ignore_index: a label value to ignore, or ``None``.
-        accumulate_dtype: dtype of the per-batch products: ``torch.float64`` (default) or ``torch.float32``
-            (accurate thanks to the shift, much faster on GPUs). The states add them up in ``sum_dtype``.
+        accumulate_dtype: dtype of the per-batch products and of the Gram tiles of ``compute``'s pair metrics:
+            ``torch.float64`` (default) or ``torch.float32`` (accurate thanks to the shift, to about 1e-7
+            relative in the pair metrics; twice as fast on CPUs, much faster on GPUs). The states add them up
+            in ``sum_dtype``.
         sum_dtype: dtype of the sum states; default ``torch.float64``. ``torch.float32`` only for devices
             without float64 (Apple's MPS).
         kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``, ...).
@@ -142,37 +148,53 @@ class NeuralCollapse(SumStateMetric):
             label_ok_or_ignored = label_ok | (labels == self.ignore_index)
             label_ok = label_ok & (labels != self.ignore_index)
         else:
-            label_ok_or_ignored = label_ok | torch.zeros_like(label_ok)
-        finite = torch.isfinite(features).all(dim=1)
+            label_ok_or_ignored = label_ok
+        index = torch.where(label_ok, labels, torch.zeros_like(labels))
+        self._take_shift_from_data(features, index, label_ok)
+        h = features.to(self.accumulate_dtype) - self.shift.index_select(0, index)
+        # a NaN/Inf feature makes its row's squared norm non-finite (as does a float32 overflow of ||h - s||^2,
+        # which would spoil the sums as well): one (B,) test instead of a (B, D) one
+        sq = torch.linalg.vecdot(h, h)
+        finite = torch.isfinite(sq)
         if finite_logits is not None:
             finite = finite & finite_logits.to(device=device, dtype=torch.bool)
         valid = label_ok & finite
-        index = torch.where(valid, labels, torch.zeros_like(labels))
-        self._take_shift_from_data(features, index, valid)
-        h = features.to(self.accumulate_dtype) - self.shift[index]
-        h = torch.where(valid[:, None], h, torch.zeros((), dtype=h.dtype, device=device))
-        self.shifted_gram += (h.T @ h).to(self.sum_dtype)
-        self.shifted_sum.index_add_(0, index, h.to(self.sum_dtype))
-        self.shifted_sq.index_add_(0, index, h.square().sum(dim=1).to(self.sum_dtype))
+        h.masked_fill_(~valid[:, None], 0.0)  # h is this update's own tensor
+        add_upper_gram_(self.shifted_gram, h)
+        if h.dtype != self.sum_dtype and self.num_classes <= index.shape[0]:  # C x D conversion, not B x D
+            batch_sums = torch.zeros(self.shifted_sum.shape, dtype=h.dtype, device=device).index_add_(0, index, h)
+            self.shifted_sum += batch_sums
+        else:
+            self.shifted_sum.index_add_(0, index, h.to(self.sum_dtype))
+        self.shifted_sq.index_add_(0, index, torch.where(valid, sq, torch.zeros_like(sq)).to(self.sum_dtype))
         self.count.index_add_(0, index, valid.long())
+        self.shift_set |= self.count > 0  # a class with samples keeps its shift, wherever it came from
         self.skipped_nonfinite += (label_ok & ~finite).sum()
         self.skipped_labels += (~label_ok_or_ignored).sum()
 
-    def _take_shift_from_data(self, features: Tensor, index: Tensor, valid: Tensor) -> None:
-        """Give each class without a shift its first valid sample of this batch as shift (no host sync;
-        every duplicate of a class writes the same row, so the result is deterministic)."""
+    def _take_shift_from_data(self, features: Tensor, index: Tensor, labelled: Tensor) -> None:
+        """Give each class without a shift its first finite labelled sample of this batch as shift (no host sync;
+        deterministic). Besides one pass for the rows' finiteness (a NaN or Inf makes a row's sum non-finite),
+        work of size ``min(B, C) x D``: per class when ``C <= B``, per sample otherwise."""
         batch = index.shape[0]
         if batch == 0:
             return
+        usable = labelled & torch.isfinite(features.sum(dim=1))
         positions = torch.arange(batch, device=index.device)
-        source = torch.where(valid, positions, torch.full_like(positions, batch))
+        source = torch.where(usable, positions, torch.full_like(positions, batch))
         first = torch.full((self.num_classes,), batch, dtype=torch.long, device=index.device)
-        first = first.scatter_reduce(0, index, source, reduce="amin")[index]  # (B,) first sample of the class
-        take = (first < batch) & ~self.shift_set[index]
-        candidate = features[first.clamp(max=batch - 1)].to(self.shift.dtype)
-        self.shift.index_put_((index,), torch.where(take[:, None], candidate, self.shift[index]))
-        self.shift_set.index_put_((index,), self.shift_set[index] | take)
-        self.shift_from_data.index_put_((index,), self.shift_from_data[index] | take)
+        first = first.scatter_reduce(0, index, source, reduce="amin")  # (C,) first labelled sample of each class
+        if self.num_classes <= batch:  # per class
+            candidate = features.index_select(0, first.clamp(max=batch - 1)).to(self.shift.dtype)
+            take = (first < batch) & ~self.shift_set
+            self.shift.copy_(torch.where(take[:, None], candidate, self.shift))
+            self.shift_from_data |= take
+            return
+        mine = first.index_select(0, index)  # (B,) per sample: its class's first sample
+        candidate = features.index_select(0, mine.clamp(max=batch - 1)).to(self.shift.dtype)
+        take = (mine < batch) & ~self.shift_set.index_select(0, index)
+        self.shift.index_put_((index,), torch.where(take[:, None], candidate, self.shift.index_select(0, index)))
+        self.shift_from_data.index_put_((index,), self.shift_from_data.index_select(0, index) | take)
 
     # ------------------------------------------------------------------------------------- reading
 
@@ -183,7 +205,8 @@ class NeuralCollapse(SumStateMetric):
         here = counts > 0
         means = torch.where(here[:, None], self.shift.to(torch.float64) + offset, torch.zeros_like(offset))
         total = counts.sum().clamp(min=1)
-        within = (self.shifted_gram.to(torch.float64) - offset.T @ (offset * counts[:, None])) / total
+        gram = symmetric_from_upper(self.shifted_gram.to(torch.float64))  # the states hold its upper triangle
+        within = (gram - offset.T @ (offset * counts[:, None])) / total
         within = (within + within.T) / 2
         variances = self.shifted_sq.to(torch.float64) / safe[:, 0] - offset.square().sum(dim=1)
         variances = torch.where(here, variances.clamp(min=0), torch.zeros_like(variances))
@@ -222,7 +245,8 @@ class NeuralCollapse(SumStateMetric):
             A dict from key to float; undefined keys are left out.
         """
         del bias
-        return metrics_from_statistics(self._local_statistics(), weight, global_mean=self.global_mean)
+        stats = self._local_statistics()
+        return metrics_from_statistics(stats, weight, global_mean=self.global_mean, dtype=self.accumulate_dtype)
 
     # ------------------------------------------------------------------------------------- syncing
 
@@ -247,7 +271,7 @@ class NeuralCollapse(SumStateMetric):
         n = self.count.to(torch.float64)
         sums = self.shifted_sum.to(torch.float64)
         cross = s.T @ sums
-        gram = self.shifted_gram.to(torch.float64) + cross + cross.T + s.T @ (s * n[:, None])
+        gram = symmetric_from_upper(self.shifted_gram.to(torch.float64)) + cross + cross.T + s.T @ (s * n[:, None])
         sq = self.shifted_sq.to(torch.float64) + 2.0 * (s * sums).sum(dim=1) + n * s.square().sum(dim=1)
         self.shifted_gram = gram.to(self.sum_dtype)
         self.shifted_sum = (sums + s * n[:, None]).to(self.sum_dtype)
