@@ -111,6 +111,9 @@ class NeuralCollapseCallback(Callback):
             measured.
         val_names: with several validation dataloaders, a name per loader for its tags
             (``nc_val/<name>/<key>``); default ``dataloader_<index>``. A single loader logs under ``nc_val/``.
+        ncc_samples: online mode: count NC4 (against the previous means) on this many samples of each training
+            batch, drawn with a private seeded generator, logged as ``nc4_ncc_mismatch_prev_means_sampled``;
+            default every sample. It bounds NC4's cost at vocabulary scale (one ``B x C x D`` product per step).
 
     Example::
 
@@ -142,6 +145,7 @@ class NeuralCollapseCallback(Callback):
         classes_seed: int = 0,
         measure_val: bool = True,
         val_names: list[str] | None = None,
+        ncc_samples: int | None = None,
     ) -> None:
         self.config = Config(
             mode=mode,
@@ -167,6 +171,7 @@ class NeuralCollapseCallback(Callback):
             classes_seed=classes_seed,
             measure_val=measure_val,
             val_names=tuple(val_names) if isinstance(val_names, list) else val_names,
+            ncc_samples=ncc_samples,
         )
         self.reporter = Reporter(
             prefix,
@@ -183,7 +188,8 @@ class NeuralCollapseCallback(Callback):
             self._saved,
             self.reporter,
             RankGroup(),
-            functools.partial(self._end.accumulator, statistics=True),  # no lambda: ddp_spawn pickles callbacks
+            # no lambda (ddp_spawn pickles callbacks); validation counts every sample
+            functools.partial(self._end.accumulator, statistics=True, sample_ncc=False),
         )
         self.figure_path: str | None = None
         """Where the figure was saved at the end of the last ``fit`` (``None`` if not saved)."""

@@ -285,3 +285,30 @@ def test_lightning_cli_config_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
     help_text = capsys.readouterr().out
     assert "every_n_epochs" in help_text and "tpt_threshold" in help_text
     assert "measure NC every this many epochs" in " ".join(help_text.split())
+
+
+def test_ncc_samples_counts_a_seeded_subsample_and_changes_nothing() -> None:
+    """``ncc_samples=k``: online NC4 on k samples of each batch, under its own key, the same on every run, and
+    the run it observes unchanged (a private generator)."""
+    x, y = blobs(160, 4, 10, seed=3)
+    runs = []
+    for ncc_samples in (8, 8, None):
+        torch.manual_seed(0)
+        model = ToyClassifier(10, 4)
+        nc = NeuralCollapseCallback(ncc_samples=ncc_samples, log_figure=False)
+        L.Trainer(max_epochs=3, callbacks=[nc], **toy.QUIET).fit(
+            model, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+        )
+        runs.append((nc.history, [p.detach().clone() for p in model.parameters()]))
+    (sampled, weights), (again, weights_again), (full, weights_full) = runs
+    assert sampled == again  # seeded
+    assert all(
+        torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(weights, weights_again, weights_full, strict=True)
+    )
+    for record, plain in zip(sampled[1:], full[1:], strict=True):  # from the second epoch on
+        assert LAGGED_NC4_KEY not in record and 0.0 <= record["nc4_ncc_mismatch_prev_means_sampled"] <= 1.0
+        assert (
+            round(record["nc4_ncc_mismatch_prev_means_sampled"] * 40)
+            == record["nc4_ncc_mismatch_prev_means_sampled"] * 40
+        )  # 5 batches x 8 samples
+        assert LAGGED_NC4_KEY in plain and record["nc1"] == pytest.approx(plain["nc1"], rel=1e-12)

@@ -70,3 +70,18 @@ def test_the_previous_means_shift_the_statistics_and_give_lagged_nc4() -> None:
     assert Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=reference, lagged_ncc=False).ncc is None
     wrong_shape = Reference(torch.zeros(4, 5), torch.ones(4, dtype=torch.bool))
     assert Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=wrong_shape).ncc is None
+
+
+def test_ncc_samples_count_a_seeded_subsample_of_each_batch() -> None:
+    old_features, _, old_labels = _batch(seed=1)
+    previous = class_statistics(old_features.double(), old_labels, 3)
+    reference = Reference(previous.means, previous.present)
+    features, logits, labels = _batch()
+    counts = []
+    for _ in range(2):
+        acc = Accumulator(3, 5, torch.device("cpu"), statistics=True, reference=reference, ncc_samples=5, ncc_seed=7)
+        acc.add(samples_of(features, logits), labels)
+        acc.add(samples_of(features[:3], logits[:3]), labels[:3])  # smaller than k: every sample
+        counts.append({key: int(value) for key, value in acc.local_counts().items()})
+    assert counts[0] == counts[1] and counts[0]["ncc_total"] == 5 + 3
+    assert counts[0]["total"] == 24 + 3  # the error and the statistics see every sample

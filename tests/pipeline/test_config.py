@@ -39,6 +39,8 @@ from lightning_neural_collapse.pipeline.config import Config
         ("log_histograms", "yes"),
         ("log_figure", 1),
         ("measure_val", "no"),
+        ("ncc_samples", 0),
+        ("ncc_samples", 2.5),
         ("val_names", "clean"),
         ("val_names", ("clean", "clean")),
         ("val_names", ("has space",)),
@@ -51,6 +53,12 @@ def test_a_wrong_value_names_its_option(option: str, value: Any) -> None:
         Config(**{option: value})
     with pytest.raises(MisconfigurationException, match=rf"`{option}`"):  # the callback validates at construction
         NeuralCollapseCallback(**{option: value})
+
+
+def test_ncc_samples_is_online_only() -> None:
+    assert Config(ncc_samples=16).lagged_nc4_key == "nc4_ncc_mismatch_prev_means_sampled"
+    with pytest.raises(MisconfigurationException, match=r"`ncc_samples`.*mode='online'"):
+        Config(mode="exact", ncc_samples=16)
 
 
 def test_exact_dataloader_needs_exact_mode_and_a_loader() -> None:

@@ -61,6 +61,8 @@ class Accumulator:
         global_mean: see :class:`~lightning_neural_collapse.NeuralCollapse`.
         accumulate_dtype: dtype of the per-batch products.
         sum_dtype: dtype of the sums (float32 only on devices without float64).
+        ncc_samples: count NC4 on this many samples of each batch (drawn by a private generator seeded with
+            ``ncc_seed``: no global random state is touched), or on all of them (``None``).
 
     Example:
         >>> acc = Accumulator(2, 1, torch.device("cpu"), statistics=True)
@@ -85,8 +87,12 @@ class Accumulator:
         global_mean: GlobalMean = "classes",
         accumulate_dtype: torch.dtype = torch.float64,
         sum_dtype: torch.dtype | None = None,
+        ncc_samples: int | None = None,
+        ncc_seed: int = 0,
     ) -> None:
         self.num_classes = num_classes
+        self.ncc_samples = ncc_samples
+        self._ncc_generator = torch.Generator().manual_seed(ncc_seed) if ncc_samples is not None else None
         self.dim = dim
         self.device = device
         self.error = ClassificationError(num_classes).to(device)
@@ -132,6 +138,14 @@ class Accumulator:
         if self.statistics is not None:
             self.statistics.update(features, labels, finite_logits=counted | ~labelled)
         if self.ncc is not None:
+            k, batch = self.ncc_samples, features.shape[0]
+            if k is not None and self._ncc_generator is not None and batch > k:  # a seeded subsample
+                rows = torch.randperm(batch, generator=self._ncc_generator)[:k]
+                if self.device.type == "cuda":
+                    rows = rows.pin_memory()  # an asynchronous copy: no wait for the device
+                rows = rows.to(self.device, non_blocking=True)
+                features, predictions = features.index_select(0, rows), predictions.index_select(0, rows)
+                counted, labels = counted.index_select(0, rows), labels.index_select(0, rows)
             self.ncc.update_decisions(features, predictions, counted, labels)
         self.batches += 1
 

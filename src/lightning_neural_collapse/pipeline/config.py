@@ -62,6 +62,7 @@ class Config:
     classes_seed: int = 0
     measure_val: bool = True
     val_names: tuple[str, ...] | None = None
+    ncc_samples: int | None = None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -99,6 +100,16 @@ class Config:
                 )
         if not _is_int(self.classes_seed):
             raise MisconfigurationException(f"`classes_seed` must be an integer, got {self.classes_seed!r}")
+        if self.ncc_samples is not None:
+            if not _is_int(self.ncc_samples) or self.ncc_samples < 1:
+                raise MisconfigurationException(
+                    f"`ncc_samples` must be a positive number of samples per batch, got {self.ncc_samples!r}"
+                )
+            if self.mode != "online":
+                raise MisconfigurationException(
+                    "`ncc_samples` subsamples online mode's NC4 (against the previous means); exact mode's NC4 pass "
+                    "counts every sample: drop `ncc_samples` or set `mode='online'`"
+                )
         if not _is_int(self.every_n_epochs) or self.every_n_epochs < 1:
             raise MisconfigurationException(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs!r}")
         if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
@@ -160,6 +171,16 @@ class Config:
             ('nc_val', 'nc/layer3_val')
         """
         return f"{self.prefix}_val"
+
+    @property
+    def lagged_nc4_key(self) -> str:
+        """The key of online NC4: ``nc4_ncc_mismatch_prev_means``, with ``_sampled`` under ``ncc_samples=``.
+
+        Example:
+            >>> Config().lagged_nc4_key, Config(ncc_samples=64).lagged_nc4_key
+            ('nc4_ncc_mismatch_prev_means', 'nc4_ncc_mismatch_prev_means_sampled')
+        """
+        return "nc4_ncc_mismatch_prev_means" + ("_sampled" if self.ncc_samples is not None else "")
 
     def val_tag(self, dataloader: int, dataloaders: int) -> str:
         """The sub-tag of validation dataloader ``dataloader`` of ``dataloaders``: ``""`` for a single loader,

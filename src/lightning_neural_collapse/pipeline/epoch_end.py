@@ -72,7 +72,9 @@ class EpochEnd:
         epoch, limits = trainer.current_epoch, loop.limits(trainer)
         return self.schedule.online_plan(epoch, limits, tpt_started=self.saved.tpt.started)
 
-    def accumulator(self, fit: FitState, device: torch.device, *, statistics: bool, lagged: bool = True) -> Accumulator:
+    def accumulator(
+        self, fit: FitState, device: torch.device, *, statistics: bool, lagged: bool = True, sample_ncc: bool = True
+    ) -> Accumulator:
         """A fresh accumulator of this fit's shapes on ``device``, shifted by the previous measurement."""
         assert fit.shapes is not None
         config = self.config
@@ -87,6 +89,8 @@ class EpochEnd:
             global_mean=config.global_mean,
             accumulate_dtype=config.dtype,
             sum_dtype=config.dtype if device.type == "mps" else None,  # MPS has no float64
+            ncc_samples=config.ncc_samples if lagged and sample_ncc else None,
+            ncc_seed=len(self.saved.history),
         )
 
     def choose_classes(self, fit: FitState, device: torch.device) -> None:
@@ -144,6 +148,7 @@ class EpochEnd:
             partial=epoch.partial,
             unit_key=self.saved.unit_key,
             current_epoch=epoch.current_epoch,
+            lagged_key=self.config.lagged_nc4_key,
         )
         if self.config.classes is not None and outcome.statistics is not None:
             record["classes_measured"] = float(outcome.statistics.present.sum())

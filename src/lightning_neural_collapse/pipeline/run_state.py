@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from lightning_neural_collapse.pipeline.held_out import HeldOutRun
 
 LAGGED_NC4_KEY = "nc4_ncc_mismatch_prev_means"
+SAMPLED_NC4_KEY = "nc4_ncc_mismatch_prev_means_sampled"
+"""Online NC4 with ``ncc_samples=``: counted on a seeded subsample of each batch."""
 """Online NC4: the mismatch against the class means of the previous measurement (SPEC.md: say which in the tag)."""
 EVAL_ERROR_KEY = "train_error_eval"
 """Exact mode: the training error of the eval-mode pass (``train_error`` is always that of the training steps)."""
@@ -289,6 +291,7 @@ def build_record(
     partial: bool,
     unit_key: str = "epoch",
     current_epoch: int | None = None,
+    lagged_key: str = LAGGED_NC4_KEY,
 ) -> dict[str, float]:
     """An epoch's history record from its :class:`~lightning_neural_collapse.pipeline.compute.EpochOutcome`.
 
@@ -322,7 +325,7 @@ def build_record(
                 record[NC4_KEY] = extra["ncc_mismatches"] / extra["ncc_total"]
             record[EVAL_SKIPPED_KEY] = float(extra.get("nonfinite", 0) + extra.get("bad_label", 0))
         elif counts.get("ncc_total", 0) > 0:
-            record[LAGGED_NC4_KEY] = counts["ncc_mismatches"] / counts["ncc_total"]
+            record[lagged_key] = counts["ncc_mismatches"] / counts["ncc_total"]
     return {key: value for key, value in record.items() if not isinstance(value, float) or math.isfinite(value)}
 
 

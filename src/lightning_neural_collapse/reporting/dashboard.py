@@ -19,7 +19,7 @@ _CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("NC2 max-angle", ("nc2_maxangle_means", "nc2_maxangle_weights")),
     ("NC2 ETF distance", ("nc2_etf_distance_means", "nc2_etf_distance_weights")),
     ("NC3", ("nc3_self_duality", "nc3_cosine")),
-    ("NC4", ("nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means")),
+    ("NC4", ("nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means", "nc4_ncc_mismatch_prev_means_sampled")),
     ("Training error", ("train_error", "train_error_eval")),
 )
 

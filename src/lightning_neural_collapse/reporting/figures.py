@@ -64,6 +64,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str, str], ...]], ...] = (
         (
             ("nc4_ncc_mismatch", "exact pass", "-"),
             ("nc4_ncc_mismatch_prev_means", "previous means", "-"),
+            ("nc4_ncc_mismatch_prev_means_sampled", "previous means, sampled", "-"),
             ("val:nc4_ncc_mismatch", "validation", ":"),
         ),
     ),
