@@ -46,6 +46,13 @@ class WarnOnce:
         """Warn on this rank (prefixed with it), whatever its number."""
         warnings.warn(rank_prefixed_message(message, rank), RuntimeWarning, stacklevel=3)
 
+    def skipped(self, rank: int, own: str | None, key: str, message: str) -> None:
+        """A measurement that every rank skips: this rank's own cause ``own`` (if it failed) on this rank, then
+        ``message`` once, on global rank 0."""
+        if own:
+            self.on_rank(rank, own)
+        self(key, message)
+
 
 def epoch_warnings(
     outcome: EpochOutcome, epoch: int, num_classes: int, prefix: str, subset: bool = False, unit: str = "epoch"

@@ -292,7 +292,9 @@ class EpochEnd:
         self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
 
     def _warn_failure(self, fit: FitState, outcome: EpochOutcome, epoch: int) -> None:
-        if outcome.failure:  # this rank's own cause, on this rank
-            message = f"NeuralCollapseCallback: epoch {epoch} not measured ({outcome.stage}): {outcome.failure}"
-            fit.warn.on_rank(self.group.rank, message)
-        fit.warn(f"failed-{outcome.stage}", say.skipped_epoch(epoch, outcome.stage, outcome.failed_ranks))
+        own = (
+            outcome.failure
+            and f"NeuralCollapseCallback: epoch {epoch} not measured ({outcome.stage}): {outcome.failure}"
+        )
+        shared = say.skipped_epoch(epoch, outcome.stage, outcome.failed_ranks)
+        fit.warn.skipped(self.group.rank, own, f"failed-{outcome.stage}", shared)

@@ -175,10 +175,9 @@ class HeldOut:
             tag = self.config.val_tag(index, loaders)
             if outcome.status == "skipped":
                 where = self._where(index, loaders)
-                if outcome.failure:  # this rank's own cause, on this rank
-                    message = f"NeuralCollapseCallback: {where} not measured: {outcome.failure}"
-                    fit.warn.on_rank(self.group.rank, message)
-                fit.warn("val-skipped", say.skipped_validation(step, where, outcome.failed_ranks))
+                own = outcome.failure and f"NeuralCollapseCallback: {where} not measured: {outcome.failure}"
+                shared = say.skipped_validation(step, where, outcome.failed_ranks)
+                fit.warn.skipped(self.group.rank, own, "val-skipped", shared)
                 continue
             record.update(held_out_record(outcome, run.reference, tag))
         if not any(key not in ("epoch", "step") and not key.endswith("skipped_samples") for key in record):

@@ -39,9 +39,8 @@ if TYPE_CHECKING:
     from lightning_neural_collapse.pipeline.held_out import HeldOutRun
 
 LAGGED_NC4_KEY = "nc4_ncc_mismatch_prev_means"
-SAMPLED_NC4_KEY = "nc4_ncc_mismatch_prev_means_sampled"
-"""Online NC4 with ``ncc_samples=``: counted on a seeded subsample of each batch."""
-"""Online NC4: the mismatch against the class means of the previous measurement (SPEC.md: say which in the tag)."""
+"""Online NC4: the mismatch against the class means of the previous measurement (SPEC.md: say which in the tag;
+with ``ncc_samples=`` the key is ``Config.lagged_nc4_key``)."""
 EVAL_ERROR_KEY = "train_error_eval"
 """Exact mode: the training error of the eval-mode pass (``train_error`` is always that of the training steps)."""
 EVAL_SKIPPED_KEY = "skipped_samples_eval"
