@@ -476,3 +476,37 @@ def assert_matches_reference(got: dict[str, float], ref: dict[str, float], num_s
     assert not problems, "\n".join(problems)
     if NC4_KEY in ref:
         assert abs(got[NC4_KEY] - ref[NC4_KEY]) <= 2.0 / num_samples
+
+
+LAYER_REFERENCE_KEYS = (
+    "nc1",
+    "nc1_trace_ratio",
+    "nc1_cdnv",
+    "ncc_accuracy",
+    "nc2_equinorm_means",
+    "nc2_equiangular_means",
+    "nc2_maxangle_means",
+    "nc2_etf_distance_means",
+)
+
+
+def layer_reference(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, *, global_mean: GlobalMeanKind = "classes"
+) -> dict[str, float]:
+    """SPEC.md's per-layer keys, brute force in float64 with ``D x D`` matrices (keep ``D`` small): NC1 from
+    ``Sigma_W`` and the capped ``pinv(Sigma_B)``, the trace ratio from both traces, and the NCC accuracy from
+    explicit distances to the layer's class means."""
+    h = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    full = reference_metrics(h, y, global_mean=global_mean, num_classes=num_classes)
+    out = {key: full[key] for key in LAYER_REFERENCE_KEYS if key in full}
+    present = [c for c in range(num_classes) if (y == c).sum() > 0]
+    mu = np.stack([h[y == c].mean(axis=0) for c in present])
+    mu_g = mu.mean(axis=0) if global_mean == "classes" else h.mean(axis=0)
+    resid = h - mu[np.searchsorted(present, y)]
+    within = float((resid**2).sum()) / len(h)
+    between = float(((mu - mu_g) ** 2).sum(axis=1).mean())
+    out["nc1_trace_ratio"] = within / between
+    nearest = np.array(present)[_squared_distances(h, mu).argmin(axis=1)]
+    out["ncc_accuracy"] = float((nearest == y).mean())
+    return out

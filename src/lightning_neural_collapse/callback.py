@@ -32,6 +32,7 @@ from lightning_neural_collapse.pipeline.exact import (
 )
 from lightning_neural_collapse.pipeline.first_step import FirstStep
 from lightning_neural_collapse.pipeline.held_out import HeldOut
+from lightning_neural_collapse.pipeline.layer_taps import LayerNotFoundError, LayerReduce
 from lightning_neural_collapse.pipeline.probe import is_compiled
 from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState
 from lightning_neural_collapse.reporting._common import reset_warnings
@@ -114,6 +115,17 @@ class NeuralCollapseCallback(Callback):
         ncc_samples: online mode: count NC4 (against the previous means) on this many samples of each training
             batch, drawn with a private seeded generator, logged as ``nc4_ncc_mismatch_prev_means_sampled``;
             default every sample. It bounds NC4's cost at vocabulary scale (one ``B x C x D`` product per step).
+        layers: hidden layers to measure too, in the same forward: dotted module names or globs per dotted part
+            (``["layer*"]`` selects ``layer1`` ... ``layer4``), measured in depth order. Each output is flattened to
+            ``(batch, D_l)`` (token models: one row per position) and logged under ``{prefix}/layers/<name>/``:
+            ``nc1_trace_ratio``, ``nc1_cdnv``, ``nc2_{equinorm,equiangular,maxangle,etf_distance}_means``, and NC1
+            through ``pinv`` of the layer's centred means with ``ncc_accuracy``: exact mode from its second pass,
+            online against the previous measurement's means (``nc1_prev_means``, ``ncc_accuracy_prev_means``); plus
+            He & Su's fit of ``log NC1`` against depth (``layers/nc1_depth_{slope,ratio,pearson_r}``). Memory
+            ``O(C * D_l)`` per layer, no ``D_l x D_l`` matrix. Validation adds
+            ``{prefix}_val/layers/<name>/ncc_accuracy``.
+        layer_reduce: ``"flatten"`` (default) or ``"avgpool"``: average each ``(batch, channels, ...)`` output over its
+            spatial dimensions first; the tag then reads ``<name>@avgpool``.
 
     Example::
 
@@ -146,6 +158,8 @@ class NeuralCollapseCallback(Callback):
         measure_val: bool = True,
         val_names: list[str] | None = None,
         ncc_samples: int | None = None,
+        layers: list[str] | None = None,
+        layer_reduce: LayerReduce = "flatten",
     ) -> None:
         self.config = Config(
             mode=mode,
@@ -172,6 +186,8 @@ class NeuralCollapseCallback(Callback):
             measure_val=measure_val,
             val_names=tuple(val_names) if isinstance(val_names, list) else val_names,
             ncc_samples=ncc_samples,
+            layers=tuple(layers) if isinstance(layers, list) else layers,
+            layer_reduce=layer_reduce,
         )
         self.reporter = Reporter(
             prefix,
@@ -189,10 +205,12 @@ class NeuralCollapseCallback(Callback):
             self.reporter,
             RankGroup(),
             # no lambda (ddp_spawn pickles callbacks); validation counts every sample
-            functools.partial(self._end.accumulator, statistics=True, sample_ncc=False),
+            functools.partial(self._end.accumulator, statistics=True, sample_ncc=False, held_out=True),
         )
         self.figure_path: str | None = None
         """Where the figure was saved at the end of the last ``fit`` (``None`` if not saved)."""
+        self.depth_figure_path: str | None = None
+        """With ``layers=``: where the progressive-collapse figure was saved at the end of the last ``fit``."""
 
     # ------------------------------------------------------------------ public API
 
@@ -254,13 +272,23 @@ class NeuralCollapseCallback(Callback):
         if not self._saved.restored and trainer.global_step == 0 and trainer.current_epoch == 0:
             self._saved.clear()  # a new run, not a resumed or continued one
         self._saved.restored = False
-        self.figure_path = self._end.last_statistics = None
+        self.figure_path = self.depth_figure_path = self._end.last_statistics = None
         reset_warnings()
         if trainer.fast_dev_run:  # type: ignore[attr-defined]
             rank_zero_info("NeuralCollapseCallback: disabled under `fast_dev_run`, nothing is measured.")
             return
         config, compiled = self.config, is_compiled(pl_module)
-        binding = Binding(pl_module, config.classifier, config.features, count_calls=not compiled)
+        try:
+            binding = Binding(
+                pl_module,
+                config.classifier,
+                config.features,
+                count_calls=not compiled,
+                layers=config.layers,
+                layer_reduce=config.layer_reduce,
+            )
+        except LayerNotFoundError as err:
+            raise MisconfigurationException(f"NeuralCollapseCallback: {err}") from err
         if binding.automatic:
             rank_zero_info(
                 f"NeuralCollapseCallback: using `{binding.name}` ({type(binding.module).__name__}) as the classifier."
@@ -311,7 +339,8 @@ class NeuralCollapseCallback(Callback):
         if instances and instances[0] is self:  # one layout for every instance: a run keeps only the last
             validates = loop.has_validation(trainer, pl_module)
             held_out = [cb.config.prefix for cb in instances if cb.config.measure_val and validates]
-            self.reporter.dashboard(trainer, [cb.config.prefix for cb in instances], held_out)
+            layered = [cb.config.prefix for cb in instances if cb.config.layers]
+            self.reporter.dashboard(trainer, [cb.config.prefix for cb in instances], held_out, layered)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -415,7 +444,10 @@ class NeuralCollapseCallback(Callback):
         self._end.measure_last_epoch(trainer, pl_module, self._fit)
         title = f"Neural Collapse ({self.config.mode} mode)"
         tpt = self.tpt_step if self.config.windows else self.tpt_epoch
-        self.figure_path = self.reporter.final_figure(trainer, self.history, tpt, title, self.val_history)
+        self.figure_path = self.reporter.final_figure(
+            trainer, self.history, tpt, title, self.val_history, depth_tpt=self.tpt_epoch
+        )
+        self.depth_figure_path = self.reporter.depth_figure_path
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -120,7 +120,8 @@ def online_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return launch(tmp_path_factory.mktemp("val"), "--mode", "both", "--epochs", "3", "--val", str(VAL_SAMPLES))
+    out = tmp_path_factory.mktemp("val")
+    return launch(out, "--mode", "both", "--epochs", "3", "--val", str(VAL_SAMPLES), "--layers")
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +329,23 @@ def test_held_out_keys_under_ddp_equal_one_process(val_run: Run) -> None:
     assert [r["accuracy"] for r in online] == [r["accuracy"] for r in exact]  # the network's own: same model
     assert "validation DistributedSampler pads" not in val_run.output
     assert_clean(val_run)
+
+
+def test_per_layer_keys_under_ddp_equal_one_process(val_run: Run) -> None:
+    """Exact mode with ``layers=``: both passes' per-layer sums reduced over the ranks equal the float64 brute force
+    of the whole training set on the final model; validation's per-layer NCC accuracy too."""
+    assert_ranks_agree(val_run)
+    expected = val_run.rank0["layer_reference"]
+    last, val = val_run.history("nc")[-1], val_run.rank0["val_history"]["nc"][-1]
+    for key, value in expected.items():
+        got = val[key[4:]] if key.startswith("val:") else last[key]
+        if key.endswith("ncc_accuracy"):  # counts
+            assert got == value, key
+        else:
+            assert got == pytest.approx(value, rel=1e-6), key
+    online = val_run.history("nco")[-1]
+    assert all(math.isfinite(online[f"layers/{name}/nc1_prev_means"]) for name in ("body.1", "body.3"))
+    assert online["layers/body.3/nc1_cdnv"] == pytest.approx(online["nc1_cdnv"], rel=1e-9)  # the classifier input
 
 
 def test_a_padded_validation_sampler_is_warned_about_once(online_run: Run) -> None:

@@ -159,8 +159,9 @@ class SoftClassifier(ToyClassifier):
         {"mode": "online", "accumulate_dtype": "float32", "ignore_index": -100},
         {"mode": "exact"},
         {"mode": "online", "soft": True},
+        {"mode": "online", "layers": ["body.0", "body.4"]},
     ],
-    ids=["online", "online float32", "exact", "soft dict targets"],
+    ids=["online", "online float32", "exact", "soft dict targets", "online layers"],
 )
 def test_no_per_step_hook_synchronises_with_the_host(options: dict[str, Any], one_thread: None) -> None:
     soft = options.pop("soft", False)
@@ -188,6 +189,8 @@ def test_no_per_step_hook_synchronises_with_the_host(options: dict[str, Any], on
         assert "nc4_ncc_mismatch_prev_means" in nc.history[-1]  # the NC4 update ran in the traced steps
         assert "aten.addmm_" in nc.tracer.ops or "aten.mm" in nc.tracer.ops  # the second moment, traced
         assert "aten.index_add_" in nc.tracer.ops  # the per-class sums, traced
+    if "layers" in options:
+        assert "layers/body.4/nc1_prev_means" in nc.history[-1]  # the layers' projections ran in the traced steps
     assert "aten.argmax" in nc.tracer.ops  # the training error, traced
     assert nc.tracer.syncs == []
 

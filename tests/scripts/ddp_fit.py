@@ -100,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="a checkpoint after every epoch")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from (ckpt_path=)")
     parser.add_argument("--batch-norm", action="store_true", help="a BatchNorm1d in the body (running statistics)")
+    parser.add_argument("--layers", action="store_true", help="also measure the body's two Tanh layers (layers=)")
     parser.add_argument(
         "--fail-labels-on-rank1",
         type=int,
@@ -369,6 +370,8 @@ class Recorder(Callback):
             mine["seen_reference"] = {str(e): seen_reference(net, [g["fed"] for g in gathered], e) for e in epochs}
             if args.val:
                 mine["val_reference"] = val_reference(net, *make_val_data(args))
+            if args.layers:
+                mine["layer_reference"] = layer_reference(net, *make_val_data(args))
         args.outdir.mkdir(parents=True, exist_ok=True)
         (args.outdir / f"rank{rank}.json").write_text(json.dumps(mine, indent=1, sort_keys=True))
         if rank == 0:
@@ -422,6 +425,43 @@ def val_reference(net: Net, val_x: Tensor, val_y: Tensor) -> dict[str, float]:
     net.train(was_training)
     arrays = (h.double().numpy(), y.numpy(), hv.cpu().double().numpy(), val_y.numpy(), zv.cpu().double().numpy())
     return held_out_reference(*arrays, net.args.classes)
+
+
+LAYERS = ("body.1", "body.3")
+"""The layers ``--layers`` lists: the two Tanh outputs of the body (without ``--batch-norm``)."""
+
+
+def layer_reference(net: Net, val_x: Tensor, val_y: Tensor) -> dict[str, float]:
+    """Per-layer keys of the training set on the final model (``layers/<name>/<key>``), and each layer's validation
+    NCC accuracy against its training means (``val:layers/<name>/ncc_accuracy``), one process, float64 brute force."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from reference import layer_reference as brute_force  # the tests' own implementation
+
+    was_training = net.training
+    net.eval()
+    outputs: dict[str, list[Tensor]] = {}
+    hooks = [
+        net.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: outputs.setdefault(name, []).append(out)
+        )
+        for name in LAYERS
+    ]
+    with torch.no_grad():
+        net.body(net.features.to(net.device))
+        net.body(val_x.to(net.device))
+    for hook in hooks:
+        hook.remove()
+    net.train(was_training)
+    out: dict[str, float] = {}
+    y = net.labels.numpy()
+    for name, (train, held_out) in outputs.items():
+        h, hv = train.cpu().double(), held_out.cpu().double()
+        for key, value in brute_force(h.numpy(), y, net.args.classes).items():
+            out[f"layers/{name}/{key}"] = value
+        means = torch.stack([h[net.labels == c].mean(dim=0) for c in range(net.args.classes)])
+        nearest = torch.cdist(hv, means).argmin(dim=1)
+        out[f"val:layers/{name}/ncc_accuracy"] = float((nearest == val_y).double().mean())
+    return out
 
 
 def seen_reference(net: Net, seen: list[dict[int, list[int]]], epoch: int) -> dict[str, float]:
@@ -518,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         modes = {EXACT_PREFIX: "exact", ONLINE_PREFIX: "online"}
     getters = Getters(args)
     kind = FailingHook if args.fail_tpt_hook_on_rank1 else NeuralCollapseCallback
+    layers = list(LAYERS) if args.layers else None
     callbacks = {
-        prefix: kind(mode=mode, prefix=prefix, label_getter=getters.labels, input_getter=getters.inputs)
+        prefix: kind(mode=mode, prefix=prefix, label_getter=getters.labels, input_getter=getters.inputs, layers=layers)
         for prefix, mode in modes.items()
     }
     extra: list[Callback] = [Where(), Recorder(args, callbacks)]

@@ -143,7 +143,8 @@ def pair_sums(
     norms = v.norm(dim=1)
     sq_norms = norms.square()
     ideal = 1.0 / (num - 1)
-    gram_norm = float(torch.linalg.matrix_norm(v.T @ v))  # ||V V^T||_F = ||V^T V||_F: a D x D product
+    # ||V V^T||_F = ||V^T V||_F: the smaller of the two products (min(C, D) squared; a wide layer has D >> C)
+    gram_norm = float(torch.linalg.matrix_norm(v @ v.T if num <= v.shape[1] else v.T @ v))
     root = math.sqrt(num - 1)
     off_target, diag_target = -1.0 / num / root, (1.0 - 1.0 / num) / root
     low_v = v.to(dtype)

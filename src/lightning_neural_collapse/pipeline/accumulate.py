@@ -10,6 +10,7 @@ label (validation's ``ncc_accuracy``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from lightning_neural_collapse.functional.statistics import GlobalMean
 from lightning_neural_collapse.metrics import ClassificationError, NCCMismatch, NeuralCollapse
 from lightning_neural_collapse.pipeline.labels import counted_samples
+from lightning_neural_collapse.pipeline.layer_sums import LayerSums
 from lightning_neural_collapse.pipeline.samples import Captured
 
 
@@ -63,6 +65,7 @@ class Accumulator:
         sum_dtype: dtype of the sums (float32 only on devices without float64).
         ncc_samples: count NC4 on this many samples of each batch (drawn by a private generator seeded with
             ``ncc_seed``: no global random state is touched), or on all of them (``None``).
+        layers: the listed hidden layers' sums (``layers=``), fed the same samples, or ``None``.
 
     Example:
         >>> acc = Accumulator(2, 1, torch.device("cpu"), statistics=True)
@@ -89,8 +92,10 @@ class Accumulator:
         sum_dtype: torch.dtype | None = None,
         ncc_samples: int | None = None,
         ncc_seed: int = 0,
+        layers: LayerSums | None = None,
     ) -> None:
         self.num_classes = num_classes
+        self.layers = layers
         self.ncc_samples = ncc_samples
         self._ncc_generator = torch.Generator().manual_seed(ncc_seed) if ncc_samples is not None else None
         self.dim = dim
@@ -119,10 +124,18 @@ class Accumulator:
                     present = present & self.subset
                 self.ncc = NCCMismatch(reference.means.to(device), present).to(device)
 
-    def update(self, features: Tensor, predictions: Tensor, finite: Tensor, labels: Tensor) -> None:
+    def update(
+        self,
+        features: Tensor,
+        predictions: Tensor,
+        finite: Tensor,
+        labels: Tensor,
+        layers: Mapping[str, Tensor] | None = None,
+    ) -> None:
         """Add one batch: ``(N, D)`` features, the network's ``(N,)`` decisions and whether its logits are finite,
         and ``(N,)`` class indices (``-1`` ignored, ``C`` invalid, see
-        :func:`~lightning_neural_collapse.pipeline.labels.class_indices`)."""
+        :func:`~lightning_neural_collapse.pipeline.labels.class_indices`); with ``layers=``, the hidden layers'
+        ``(N, D_l)`` rows of the same samples."""
         features = features.to(self.device)
         predictions = predictions.to(self.device)
         labels = labels.to(self.device)
@@ -137,6 +150,8 @@ class Accumulator:
             labelled = labelled & measured
         if self.statistics is not None:
             self.statistics.update(features, labels, finite_logits=counted | ~labelled)
+        if self.layers is not None:
+            self.layers.add(layers or {}, labels, counted)
         if self.ncc is not None:
             k, batch = self.ncc_samples, features.shape[0]
             if k is not None and self._ncc_generator is not None and batch > k:  # a seeded subsample
@@ -151,7 +166,7 @@ class Accumulator:
 
     def add(self, captured: Captured, labels: Tensor) -> None:
         """:meth:`update` with the samples of one forward."""
-        self.update(captured.features, captured.predictions, captured.finite, labels)
+        self.update(captured.features, captured.predictions, captured.finite, labels, captured.layers)
 
     def local_counts(self) -> dict[str, Tensor]:
         """This rank's integer counts (``int64`` tensors on the device, keys :data:`COUNT_KEYS`); no sync."""

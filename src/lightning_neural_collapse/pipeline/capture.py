@@ -9,12 +9,15 @@ state, stays correct when it fires twice per step (activation checkpointing) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_neural_collapse.pipeline.layer_taps import LayerReduce, LayerTaps, resolve_layers
 from lightning_neural_collapse.pipeline.samples import Captured, samples_from_weight, samples_of
 
 
@@ -97,12 +100,20 @@ class FeatureCapture:
             those of a backward recompute (activation checkpointing). Off for compiled models, whose hooks
             must not keep Python counters.
         name: the classifier's dotted name, for messages.
+        taps: the hidden layers' hooks (``layers=``), attached, cleared and removed with these.
     """
 
     def __init__(
-        self, classifier: nn.Module, features: nn.Module | None = None, *, count_calls: bool = True, name: str = ""
+        self,
+        classifier: nn.Module,
+        features: nn.Module | None = None,
+        *,
+        count_calls: bool = True,
+        name: str = "",
+        taps: LayerTaps | None = None,
     ) -> None:
         self.classifier = classifier
+        self.taps = taps
         self.features_module = features
         self.count_calls = count_calls
         self.name = name
@@ -125,19 +136,25 @@ class FeatureCapture:
         self._handles.append(self.classifier.register_forward_hook(hook))
         if self.features_module is not None:
             self._handles.append(self.features_module.register_forward_hook(self._features_hook))
+        if self.taps is not None:
+            self.taps.attach()
 
     def remove(self) -> None:
         """Remove the hooks and drop the captured tensors."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.taps is not None:
+            self.taps.remove()
         self.clear()
 
     def clear(self) -> None:
-        """Forget the captured tensors and the call count."""
+        """Forget the captured tensors (the layers' too) and the call count."""
         self._features = None
         self._logits = None
         self.calls = 0
+        if self.taps is not None:
+            self.taps.clear()
 
     @property
     def features(self) -> Tensor | None:
@@ -159,6 +176,8 @@ class FeatureCapture:
         features were captured. The logits are ``None`` when only the features module ran (a fused loss)."""
         captured = self.peek()
         self._features = self._logits = None
+        if self.taps is not None:
+            self.taps.clear()
         return captured
 
     def _classifier_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -185,13 +204,24 @@ class Binding:
         classifier: dotted name of the classifier, or ``None`` to find it (:func:`find_classifier`).
         features: dotted name of the features module, or ``None`` for the classifier's input.
         count_calls: see :class:`FeatureCapture`.
+        layers: ``layers=``: dotted names or globs of hidden layers to capture too (see
+            :func:`~lightning_neural_collapse.pipeline.layer_taps.resolve_layers`), or ``None``.
+        layer_reduce: ``"flatten"`` or ``"avgpool"``.
 
     Raises:
         ClassifierNotFoundError: for a name that is not a submodule, or no classifier to be found.
+        LayerNotFoundError: for a ``layers=`` entry that matches no submodule.
     """
 
     def __init__(
-        self, model: nn.Module, classifier: str | None, features: str | None = None, *, count_calls: bool = True
+        self,
+        model: nn.Module,
+        classifier: str | None,
+        features: str | None = None,
+        *,
+        count_calls: bool = True,
+        layers: Sequence[str] | None = None,
+        layer_reduce: LayerReduce = "flatten",
     ) -> None:
         self.model = model
         self.name, self.module = find_classifier(model, classifier)
@@ -207,7 +237,13 @@ class Binding:
                     f"{sorted(modules)[-5:]}"
                 )
             self.features_module = modules[features]
-        self.capture = FeatureCapture(self.module, self.features_module, count_calls=count_calls, name=self.name)
+        self.taps: LayerTaps | None = None
+        if layers:
+            modules = dict(model.named_modules())
+            self.taps = LayerTaps({name: modules[name] for name in resolve_layers(model, layers)}, layer_reduce)
+        self.capture = FeatureCapture(
+            self.module, self.features_module, count_calls=count_calls, name=self.name, taps=self.taps
+        )
         self.capture.attach()
 
     def rebind(self, name: str) -> None:
@@ -215,7 +251,7 @@ class Binding:
         self.capture.remove()
         self.name, self.module = find_classifier(self.model, name)
         self.capture = FeatureCapture(
-            self.module, self.features_module, count_calls=self.capture.count_calls, name=self.name
+            self.module, self.features_module, count_calls=self.capture.count_calls, name=self.name, taps=self.taps
         )
         self.capture.attach()
 
@@ -236,7 +272,10 @@ class Binding:
         Raises:
             CaptureShapeError: for logits that are not one row of class scores per sample (or per position).
         """
-        return self._samples(self.capture.take())
+        try:
+            return self._samples(self.capture.peek())
+        finally:
+            self.capture.take()  # forget them, the layers' outputs too
 
     def tied_to(self) -> str | None:
         """The dotted name of another module whose ``weight`` is the classifier's (weight tying), or ``None``."""
@@ -254,11 +293,16 @@ class Binding:
             return None
         features, logits = raw
         if logits is not None:
-            return samples_of(features, logits, self.name)
-        weight, bias = (_full(getattr(self.module, "weight", None)), _full(getattr(self.module, "bias", None)))
-        if weight is None or weight.ndim != 2 or weight.shape[1] != features.shape[-1]:
-            return None
-        return samples_from_weight(features, weight, bias if bias is not None and bias.ndim == 1 else None)
+            captured = samples_of(features, logits, self.name)
+        else:
+            weight, bias = (_full(getattr(self.module, "weight", None)), _full(getattr(self.module, "bias", None)))
+            if weight is None or weight.ndim != 2 or weight.shape[1] != features.shape[-1]:
+                return None
+            captured = samples_from_weight(features, weight, bias if bias is not None and bias.ndim == 1 else None)
+        if self.taps is None:
+            return captured
+        batch = captured.layout[0] if captured.layout is not None else captured.num_samples
+        return replace(captured, layers=self.taps.samples(batch, captured.layout))
 
     def close(self) -> None:
         """Remove the hooks (idempotent)."""

@@ -12,9 +12,12 @@ in the same order, whatever happened locally. Each round is *local work, then ag
    restored afterwards, so that every rank measures the same model), then runs the eval pass over its shard
    (local work); online mode already has its sums. **Agree** on the pass's outcome and counts (one small
    ``all_reduce``); if any rank failed, every rank skips. **Reduce** the per-class statistics (one in-place
-   ``all_reduce`` per state, inside :meth:`~lightning_neural_collapse.NeuralCollapse.statistics`).
-2. exact mode only: the NC4 pass against the reduced class means (local), then **agree** on its outcome
-   and counts.
+   ``all_reduce`` per state, inside :meth:`~lightning_neural_collapse.NeuralCollapse.statistics`), then, with
+   ``layers=``, each listed layer's sums in depth order (:meth:`~lightning_neural_collapse.pipeline.layer_sums.
+   LayerSums.reduce`: its moments, then its projection).
+2. exact mode only: the NC4 pass against the reduced class means, which also measures each layer's samples
+   against that layer's reduced means (local), then **agree** on its outcome and counts, then **reduce** the
+   layers' second-pass sums.
 
 The classifier weight is then read on every rank (a collective for sharded weights), and the metrics are
 computed from identical inputs on every rank, so they are identical. An exception in local work never
@@ -23,7 +26,7 @@ leaves a rank alone in a collective: it becomes the failure flag of the next agr
 A validation run ends with :func:`finish_held_out`, on every rank at the end of the validation loop, once per
 validation dataloader in index order (the same number on every rank): **agree** on the loader's counts and
 failure flags (one small ``all_reduce``); if no rank failed and some rank counted a sample, **reduce** its
-per-class statistics; then the metrics, from identical inputs on every rank.
+per-class statistics, then the layers' sums; then the metrics, from identical inputs on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 from lightning_neural_collapse.functional.collapse import Geometry
 from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.metrics import NeuralCollapse
+from lightning_neural_collapse.pipeline.layer_sums import LayerResults, LayerSums
 
 
 class RankGroup:
@@ -121,23 +125,39 @@ class LocalEpoch:
         failure: why this rank cannot take part (a batch it could not measure, ...), or ``None``.
         statistics: the online per-class statistics, when accumulated.
         device: where the collectives' tensors live.
+        layers: the listed hidden layers' sums (``layers=``), when accumulated with the statistics.
     """
 
     counts: Mapping[str, Tensor | int]
     failure: str | None
     statistics: NeuralCollapse | None
     device: torch.device
+    layers: LayerSums | None = None
+
+
+class ExactLayers(Protocol):
+    """Exact mode's per-layer local work, alongside :class:`ExactRun`'s passes: :meth:`first` returns the sums of
+    pass 1 (filled while ``ExactRun.statistics`` runs), :meth:`prepare` sets up pass 2's sums against the reduced
+    pass-1 means (before ``ExactRun.ncc`` runs, which fills them), :meth:`second` returns those."""
+
+    def first(self) -> LayerSums: ...
+
+    def prepare(self, first: LayerResults) -> None: ...
+
+    def second(self) -> LayerSums: ...
 
 
 @dataclass
 class ExactRun:
     """Exact mode's local work: ``statistics()`` runs pass 1 and returns the per-class statistics metric and the
     pass's counts (``errors``, ``total``, ``nonfinite``, ``bad_label``); ``ncc(means, present)`` runs pass 2
-    and returns ``(mismatches, total)``; ``model`` is what :meth:`RankGroup.aligned` aligns."""
+    and returns ``(mismatches, total)``; ``model`` is what :meth:`RankGroup.aligned` aligns; ``layers`` the
+    per-layer work (``layers=``), or ``None``."""
 
     statistics: Callable[[], tuple[NeuralCollapse, dict[str, Tensor | int]]]
     ncc: Callable[[Tensor, Tensor], tuple[Tensor | int, Tensor | int]]
     model: nn.Module
+    layers: ExactLayers | None = None
 
 
 @dataclass
@@ -146,7 +166,8 @@ class EpochOutcome:
 
     ``status`` is ``"skipped"`` (some rank failed: ``stage`` says where, ``failures`` holds this rank's
     message), ``"counted"`` (training-step counts only) or ``"measured"`` (with ``statistics``, ``weight`` and
-    the metric ``values``).
+    the metric ``values``; with ``layers=``, ``layers`` holds the layers' reduced numbers, whose keys are in
+    ``values`` too).
     """
 
     status: str
@@ -159,6 +180,7 @@ class EpochOutcome:
     stage: str = ""
     failure: str | None = None
     failed_ranks: int = 0
+    layers: LayerResults | None = None
 
 
 def finish_epoch(
@@ -192,7 +214,9 @@ def finish_epoch(
     if exact is None:
         if local.statistics is None:  # identical on every rank: the plan is
             return EpochOutcome("counted", steps.counts)
-        return _outcome(steps.counts, {}, local.statistics.statistics(), weights, measure)
+        stats = local.statistics.statistics()
+        layers = local.layers.reduce() if local.layers is not None else None
+        return _outcome(steps.counts, {}, stats, weights, measure, layers)
     with group.aligned(exact.model):
         failure, metric, pass_counts = _attempt(exact.statistics)
         first = agree(group, failure, pass_counts or _EMPTY_PASS, local.device)
@@ -202,14 +226,18 @@ def finish_epoch(
             )
         assert metric is not None
         stats = metric.statistics()
-        failure, ncc_counts = _attempt_ncc(exact.ncc, stats)
+        layer_work = exact.layers
+        layers = layer_work.first().reduce() if layer_work is not None else None
+        failure, ncc_counts = _attempt_ncc(exact.ncc, stats, layer_work, layers)
         second = agree(group, failure, ncc_counts, local.device)
         if second.failed:
             return EpochOutcome(
                 "skipped", steps.counts, stage="exact NC4 pass", failure=failure, failed_ranks=second.failed_ranks
             )
+        if layer_work is not None and layers is not None:
+            layers = layers.merged(layer_work.second().reduce())
     exact_counts = {**first.counts, **second.counts}
-    return _outcome(steps.counts, exact_counts, stats, weights, measure)
+    return _outcome(steps.counts, exact_counts, stats, weights, measure, layers)
 
 
 _EMPTY_PASS: dict[str, Tensor | int] = {"errors": 0, "total": 0, "nonfinite": 0, "bad_label": 0}
@@ -226,9 +254,14 @@ def _attempt(
 
 
 def _attempt_ncc(
-    run: Callable[[Tensor, Tensor], tuple[Tensor | int, Tensor | int]], stats: ClassStatistics
+    run: Callable[[Tensor, Tensor], tuple[Tensor | int, Tensor | int]],
+    stats: ClassStatistics,
+    layer_work: ExactLayers | None = None,
+    layers: LayerResults | None = None,
 ) -> tuple[str | None, dict[str, Tensor | int]]:
     try:
+        if layer_work is not None and layers is not None:
+            layer_work.prepare(layers)  # pass 2's per-layer centres and NC1 directions
         mismatches, total = run(stats.means, stats.present)
     except Exception as err:
         return f"{type(err).__name__}: {err}", {"ncc_mismatches": 0, "ncc_total": 0}
@@ -241,10 +274,14 @@ def _outcome(
     stats: ClassStatistics,
     weights: Callable[[], Tensor | None],
     measure: Callable[[ClassStatistics, Tensor | None], Geometry],
+    layers: LayerResults | None = None,
 ) -> EpochOutcome:
     weight = weights()  # every rank: a collective when the weight is sharded
     geometry = measure(stats, weight)
-    return EpochOutcome("measured", counts, exact_counts, stats, weight, geometry.values, geometry=geometry)
+    values = dict(geometry.values)
+    if layers is not None:
+        values.update(layers.values())
+    return EpochOutcome("measured", counts, exact_counts, stats, weight, values, geometry=geometry, layers=layers)
 
 
 def finish_held_out(
@@ -270,5 +307,9 @@ def finish_held_out(
     if agreed.counts.get("total", 0) == 0 or local.statistics is None:  # identical on every rank
         return EpochOutcome("counted", agreed.counts)
     stats = local.statistics.statistics()
+    layers = local.layers.reduce() if local.layers is not None else None
     geometry = measure(stats)
-    return EpochOutcome("measured", agreed.counts, statistics=stats, values=geometry.values, geometry=geometry)
+    values = dict(geometry.values)
+    if layers is not None:
+        values.update(layers.values(statistics=False))
+    return EpochOutcome("measured", agreed.counts, statistics=stats, values=values, geometry=geometry, layers=layers)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_neural_collapse.pipeline.layer_taps import LAYER_REDUCES, LayerReduce, layer_tag
+
 Mode = Literal["online", "exact"]
 Measure = Literal["always", "tpt"]
 GlobalMeanChoice = Literal["classes", "sample"]
@@ -63,6 +65,8 @@ class Config:
     measure_val: bool = True
     val_names: tuple[str, ...] | None = None
     ncc_samples: int | None = None
+    layers: tuple[str, ...] | None = None
+    layer_reduce: LayerReduce = "flatten"
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -70,6 +74,20 @@ class Config:
         _choice("global_mean", self.global_mean, GLOBAL_MEANS)
         _choice("accumulate_dtype", self.accumulate_dtype, tuple(DTYPES))
         _choice("classes_from", self.classes_from, CLASS_SUBSETS)
+        _choice("layer_reduce", self.layer_reduce, LAYER_REDUCES)
+        layers = self.layers
+        if layers is not None:
+            if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not layers:
+                raise MisconfigurationException(
+                    "`layers` must be a non-empty list of dotted module names or globs such as ['layer*'], "
+                    f"got {layers!r}"
+                )
+            for name in layers:
+                if not isinstance(name, str) or not name or " " in name:
+                    raise MisconfigurationException(
+                        f"`layers` must hold dotted module names or globs such as 'layer3' or 'blocks.*', got {name!r}"
+                    )
+            object.__setattr__(self, "layers", tuple(layers))
         if self.shift_labels is not None and not isinstance(self.shift_labels, bool):
             raise MisconfigurationException(
                 f"`shift_labels` must be True, False or None (automatic), got {self.shift_labels!r}"
@@ -194,6 +212,15 @@ class Config:
         if names is not None and dataloader < len(names):
             return names[dataloader]
         return "" if dataloaders == 1 else f"dataloader_{dataloader}"
+
+    def layer_tag(self, name: str) -> str:
+        """The tag part of layer ``name`` (``layers/<tag>/<key>``): the name, with ``@avgpool`` when pooled.
+
+        Example:
+            >>> Config(layers=("layer*",), layer_reduce="avgpool").layer_tag("layer3")
+            'layer3@avgpool'
+        """
+        return layer_tag(name, self.layer_reduce)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import Geometry, geometry
+from lightning_neural_collapse.functional.layers import PREVIOUS_SUFFIX
 from lightning_neural_collapse.functional.pairs import COSINE_EDGES
 from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.pipeline import diagnostics as say
@@ -29,6 +30,7 @@ from lightning_neural_collapse.pipeline.compute import Agreement, EpochOutcome, 
 from lightning_neural_collapse.pipeline.config import Config
 from lightning_neural_collapse.pipeline.exact import ExactMeasurement, ExactPass, batch_limit, exact_loader
 from lightning_neural_collapse.pipeline.labels import default_input_getter
+from lightning_neural_collapse.pipeline.layer_sums import Centres, LayerResults, LayerSums
 from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState, build_record, reference_of
 from lightning_neural_collapse.pipeline.schedule import EpochPlan, Schedule
 from lightning_neural_collapse.reporting.reporter import Reporter
@@ -73,11 +75,32 @@ class EpochEnd:
         return self.schedule.online_plan(epoch, limits, tpt_started=self.saved.tpt.started)
 
     def accumulator(
-        self, fit: FitState, device: torch.device, *, statistics: bool, lagged: bool = True, sample_ncc: bool = True
+        self,
+        fit: FitState,
+        device: torch.device,
+        *,
+        statistics: bool,
+        lagged: bool = True,
+        sample_ncc: bool = True,
+        held_out: bool = False,
     ) -> Accumulator:
-        """A fresh accumulator of this fit's shapes on ``device``, shifted by the previous measurement."""
+        """A fresh accumulator of this fit's shapes on ``device``, shifted by the previous measurement.
+
+        ``lagged``: online NC4 against the previous means (not in the exact pass); ``held_out``: a validation
+        loader's (the layers count NCC only)."""
         assert fit.shapes is not None
         config = self.config
+        layers = None
+        if statistics and fit.layer_dims:
+            layers = self.layer_sums(
+                fit,
+                device,
+                moments=not held_out,
+                references=self.saved.layer_references,
+                project=lagged,
+                directions=not held_out,
+                suffix="" if held_out else PREVIOUS_SUFFIX,
+            )
         return Accumulator(
             fit.shapes.num_classes,
             fit.shapes.dim,
@@ -91,6 +114,38 @@ class EpochEnd:
             sum_dtype=config.dtype if device.type == "mps" else None,  # MPS has no float64
             ncc_samples=config.ncc_samples if lagged and sample_ncc else None,
             ncc_seed=len(self.saved.history),
+            layers=layers,
+        )
+
+    def layer_sums(
+        self,
+        fit: FitState,
+        device: torch.device,
+        *,
+        moments: bool,
+        references: Centres,
+        project: bool,
+        directions: bool,
+        suffix: str,
+    ) -> LayerSums:
+        """Fresh per-layer sums of this fit's listed layers on ``device`` (see
+        :class:`~lightning_neural_collapse.pipeline.layer_sums.LayerSums`)."""
+        assert fit.shapes is not None and fit.layer_dims is not None
+        config = self.config
+        return LayerSums(
+            fit.layer_dims,
+            {name: config.layer_tag(name) for name in fit.layer_dims},
+            fit.shapes.num_classes,
+            device,
+            moments=moments,
+            references=references,
+            project=project,
+            directions=directions,
+            subset=fit.subset,
+            suffix=suffix,
+            global_mean=config.global_mean,
+            accumulate_dtype=config.dtype,
+            sum_dtype=config.dtype if device.type == "mps" else torch.float64,
         )
 
     def choose_classes(self, fit: FitState, device: torch.device) -> None:
@@ -212,12 +267,19 @@ class EpochEnd:
                 max_batches=limit,
             )
 
+        def second_layers(first: LayerResults) -> LayerSums:  # pass 2: each layer against its pass-1 means
+            centres = first.centres()
+            return self.layer_sums(
+                fit, pl_module.device, moments=False, references=centres, project=True, directions=True, suffix=""
+            )
+
         return ExactMeasurement(
             new_pass,
             lambda features: self.accumulator(fit, features.device, statistics=True, lagged=False),
             lambda: torch.zeros(0, shapes.dim, device=pl_module.device),
             shapes.num_classes,
             pl_module,
+            second_layers if fit.layer_dims else None,
         )
 
     def _commit(
@@ -238,6 +300,8 @@ class EpochEnd:
         fit.last_finished = epoch
         if outcome.statistics is not None:
             saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
+            if outcome.layers is not None:
+                saved.layer_references = {name: ref.cpu() for name, ref in outcome.layers.centres().items()}
             fit.last_measured, fit.exact_measured = epoch, fit.exact_measured or self.config.mode == "exact"
             wanted = self.config.classes
             if isinstance(wanted, int) and self.config.classes_from == "frequent" and saved.subset is None:
@@ -288,6 +352,8 @@ class EpochEnd:
         new = {key: value for key, value in extra.items() if key not in last}
         last.update(new)
         self.saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
+        if outcome.layers is not None:
+            self.saved.layer_references = {name: ref.cpu() for name, ref in outcome.layers.centres().items()}
         self.reporter.scalars(trainer, {"step": last["step"], **new})
         self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
 

@@ -25,6 +25,7 @@ from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import ExactRun
 from lightning_neural_collapse.pipeline.labels import LabelReader, call_model
+from lightning_neural_collapse.pipeline.layer_sums import LayerResults, LayerSums
 from lightning_neural_collapse.pipeline.samples import Captured
 
 Consumer = Callable[[Captured, Tensor], None]
@@ -197,6 +198,9 @@ class ExactMeasurement:
         empty_features: a ``(0, D)`` tensor on the model's device, for a rank whose shard is empty.
         num_classes: ``C``.
         model: what the ranks align before the passes (see ``RankGroup.aligned``).
+        second_layers: with ``layers=``: pass 2's per-layer sums against the reduced pass-1 layer means (its
+            accumulator's :class:`~lightning_neural_collapse.pipeline.layer_sums.LayerSums` are pass 1's), else
+            ``None``. It also serves as :class:`~lightning_neural_collapse.pipeline.compute.ExactLayers`.
     """
 
     def __init__(
@@ -206,16 +210,37 @@ class ExactMeasurement:
         empty_features: Callable[[], Tensor],
         num_classes: int,
         model: nn.Module,
+        second_layers: Callable[[LayerResults], LayerSums] | None = None,
     ) -> None:
         self.new_pass = new_pass
         self.new_accumulator = new_accumulator
         self.empty_features = empty_features
         self.num_classes = num_classes
         self.model = model
+        self.second_layers = second_layers
+        self._first: LayerSums | None = None
+        self._second: LayerSums | None = None
 
     def run(self) -> ExactRun:
         """The two passes as :class:`~lightning_neural_collapse.pipeline.compute.ExactRun` callables."""
-        return ExactRun(self.statistics, self.ncc, self.model)
+        return ExactRun(self.statistics, self.ncc, self.model, self if self.second_layers is not None else None)
+
+    def first(self) -> LayerSums:
+        """Pass 1's per-layer sums (after :meth:`statistics`)."""
+        if self._first is None:
+            raise RuntimeError("the layers' first pass has not run")
+        return self._first
+
+    def prepare(self, first: LayerResults) -> None:
+        """Set up pass 2's per-layer sums against the reduced pass-1 means ``first`` (before :meth:`ncc`)."""
+        assert self.second_layers is not None
+        self._second = self.second_layers(first)
+
+    def second(self) -> LayerSums:
+        """Pass 2's per-layer sums (after :meth:`ncc`)."""
+        if self._second is None:
+            raise RuntimeError("the layers' second pass has not run")
+        return self._second
 
     def statistics(self) -> tuple[NeuralCollapse, dict[str, Tensor | int]]:
         """Pass 1: the statistics metric and the pass's counts (errors, samples, skipped)."""
@@ -231,15 +256,20 @@ class ExactMeasurement:
         if acc is None:  # an empty shard: take part with nothing
             acc = self.new_accumulator(self.empty_features())
         assert acc.statistics is not None
+        self._first = acc.layers
         return acc.statistics, dict(acc.local_counts())
 
     def ncc(self, means: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        """Pass 2: ``(mismatches, samples)`` of NC4 against ``means``."""
+        """Pass 2: ``(mismatches, samples)`` of NC4 against ``means`` (and, with layers, each layer's samples against
+        its pass-1 means, see :meth:`prepare`)."""
         metric = NCCMismatch(means, present).to(means.device)
+        layers = self._second
 
         def consume(captured: Captured, labels: Tensor) -> None:
             counted = (labels >= 0) & (labels < self.num_classes) & captured.finite
             metric.update_decisions(captured.features, captured.predictions, counted)
+            if layers is not None:
+                layers.add(captured.layers, labels.to(counted.device), counted)
 
         self.new_pass().run(consume)
         return metric.mismatches, metric.total

@@ -44,7 +44,9 @@ class LoaderSums:
         """What this rank brings to :func:`~lightning_neural_collapse.pipeline.compute.finish_held_out`."""
         acc = self.accumulator
         counts: dict[str, Any] = dict(acc.local_counts()) if acc is not None else dict.fromkeys(COUNT_KEYS, 0)
-        return LocalEpoch(counts, self.failure, acc.statistics if acc is not None else None, device)
+        if acc is None:
+            return LocalEpoch(counts, self.failure, None, device)
+        return LocalEpoch(counts, self.failure, acc.statistics, device, acc.layers)
 
 
 @dataclass
@@ -92,6 +94,7 @@ def held_out_record(outcome: EpochOutcome, reference: Reference | None, tag: str
     stats = outcome.statistics
     if outcome.status == "measured" and stats is not None:
         values.update({key: outcome.values[key] for key in TEST_COLLAPSE_KEYS if key in outcome.values})
+        values.update({key: value for key, value in outcome.values.items() if key.startswith("layers/")})
         if reference is not None and reference.fits(*stats.means.shape):
             values["mean_shift"] = mean_shift(stats.means, stats.present, reference.means, reference.present)
     head = f"{tag}/" if tag else ""

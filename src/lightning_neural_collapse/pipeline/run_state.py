@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import NC4_KEY
@@ -31,6 +32,7 @@ from lightning_neural_collapse.pipeline.compute import EpochOutcome, LocalEpoch
 from lightning_neural_collapse.pipeline.diagnostics import WarnOnce
 from lightning_neural_collapse.pipeline.first_step import FirstStep, Shapes
 from lightning_neural_collapse.pipeline.labels import LabelReader
+from lightning_neural_collapse.pipeline.layer_sums import LayerCentres
 from lightning_neural_collapse.pipeline.samples import CaptureShapeError
 from lightning_neural_collapse.pipeline.schedule import EpochPlan
 from lightning_neural_collapse.tpt import TPTDetector
@@ -71,6 +73,9 @@ class SavedState:
         self.reference: Reference | None = None
         self.subset: list[int] | None = None
         """The classes measured when ``classes=`` chose them from the data (``classes_from="frequent"``)."""
+        self.layer_references: dict[str, LayerCentres] = {}
+        """``layers=``: each layer's class means, present classes and NC1 directions of the latest measurement
+        (CPU): the next measurement's shift, online mode's centres and ``P``, validation's centres."""
         self.finished_epoch: int | None = None
         self.restored = False
         """Whether :meth:`load_state_dict` ran since the last fit (the next fit continues that run)."""
@@ -82,6 +87,7 @@ class SavedState:
         self.tpt = TPTDetector(self.tpt.threshold)
         self.reference = None
         self.subset = None
+        self.layer_references = {}
         self.finished_epoch = None
 
     def finished(self, epoch: int) -> bool:
@@ -116,6 +122,10 @@ class SavedState:
             "reference_present": None if reference is None else reference.present,
             "finished_epoch": self.finished_epoch,
             "subset": self.subset,
+            "layer_references": {
+                name: {"means": ref.means, "present": ref.present, "directions": ref.directions}
+                for name, ref in self.layer_references.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -130,6 +140,10 @@ class SavedState:
             finished = int(self.history[-1][self.unit_key])
         self.finished_epoch = finished
         self.subset = state.get("subset")
+        layers = state.get("layer_references") or {}
+        self.layer_references = {
+            name: LayerCentres(entry["means"], entry["present"], entry["directions"]) for name, entry in layers.items()
+        }
         self.restored = True
 
 
@@ -176,7 +190,8 @@ class OpenEpoch:
         failure = self.failure or (None if acc is not None else "no training batch measured on this rank yet")
         counts: dict[str, Any] = dict(acc.local_counts()) if acc is not None else dict.fromkeys(COUNT_KEYS, 0)
         stats = acc.statistics if acc is not None and statistics else None
-        return LocalEpoch(counts, failure, stats, device)
+        layers = acc.layers if acc is not None and statistics else None
+        return LocalEpoch(counts, failure, stats, device, layers)
 
 
 @dataclass
@@ -188,6 +203,7 @@ class FitState:
         shift_labels: for token samples, whether position ``t``'s target is ``labels[:, t + 1]``.
         first_step: the pending first-step checks, ``None`` once done.
         shapes: ``C`` and ``D``, known after the first forward.
+        layer_dims: ``layers=``: each listed layer's width ``D_l``, known after the first forward (depth order).
         labels: reads class indices, once ``C`` is known.
         exact_loader: the exact pass's loader (built at the first exact measurement).
         open: the epoch being accumulated.
@@ -204,6 +220,7 @@ class FitState:
     shift_labels: bool = False
     first_step: FirstStep | None = None
     shapes: Shapes | None = None
+    layer_dims: dict[str, int] | None = None
     labels: LabelReader | None = None
     exact_loader: Any = None
     open: OpenEpoch | None = None
@@ -224,10 +241,34 @@ class FitState:
         shapes = self.first_step.finish(loss)
         if shapes is None:
             return  # the classifier did not run: check again at the next step
+        self.layer_dims = self._layer_dims()
         self.first_step, self.shapes = None, shapes
         self.labels = LabelReader(label_getter, shapes.num_classes, ignore_index, shift=shift)
         if self.binding.parameters(shapes.num_classes, shapes.dim)[0] is None:
             self.warn("no-weight", say.no_weight(self.binding.name, shapes.num_classes, shapes.dim))
+
+    def _layer_dims(self) -> dict[str, int] | None:
+        """The listed layers' widths from the first forward (``None`` without ``layers=``).
+
+        Raises:
+            MisconfigurationException: for a layer that did not run in that forward, or whose output is not one row
+                per sample.
+        """
+        taps = self.binding.taps
+        if taps is None:
+            return None
+        try:
+            captured = self.binding.peek()
+        except CaptureShapeError as err:
+            raise MisconfigurationException(f"NeuralCollapseCallback: {err}") from err
+        rows = {} if captured is None else captured.layers
+        missing = [name for name in taps.names if name not in rows]
+        if missing:
+            raise MisconfigurationException(
+                f"NeuralCollapseCallback: the layers {missing} listed in `layers=` did not run in the first training "
+                "step's forward (or returned no tensor); list modules that run in every forward"
+            )
+        return {name: int(rows[name].shape[1]) for name in taps.names}
 
     def accumulate(self, batch: Any, new_accumulator: Callable[[torch.device, bool], Accumulator]) -> None:
         """Add the step's captured features, logits and ``batch``'s labels to the open epoch (no host sync).

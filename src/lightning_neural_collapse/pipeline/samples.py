@@ -10,7 +10,8 @@ features and the weight, a chunk of classes at a time, without the ``N x C`` log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ class Captured:
         finite: ``(N,)`` bool, whether each sample's logits are finite.
         num_classes: ``C``, the number of logits per sample.
         layout: ``(B, T)`` when every position of a sequence is a sample, else ``None``.
+        layers: the listed hidden layers' outputs (``layers=``), ``(N, D_l)`` rows of the same samples, by name.
     """
 
     features: Tensor
@@ -40,6 +42,7 @@ class Captured:
     finite: Tensor
     num_classes: int
     layout: tuple[int, int] | None = None
+    layers: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:

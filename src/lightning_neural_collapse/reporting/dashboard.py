@@ -37,8 +37,21 @@ _HELD_OUT_CHARTS: tuple[tuple[str, tuple[tuple[str | None, str | None], ...]], .
 )
 
 
+# (title, per-layer keys): each chart holds that key of every listed layer, one line per layer
+_LAYER_CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("NC1 per layer", ("nc1", "nc1_prev_means")),
+    ("NC1 trace ratio per layer", ("nc1_trace_ratio",)),
+    ("CDNV per layer", ("nc1_cdnv",)),
+    ("NCC accuracy per layer (training)", ("ncc_accuracy", "ncc_accuracy_prev_means")),
+    ("NC2 equinorm per layer", ("nc2_equinorm_means",)),
+    ("NC2 equiangularity per layer", ("nc2_equiangular_means",)),
+    ("NC2 max-angle per layer", ("nc2_maxangle_means",)),
+    ("NC2 ETF distance per layer", ("nc2_etf_distance_means",)),
+)
+
+
 def dashboard_layout(
-    prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = ()
+    prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = (), layers: Sequence[str] = ()
 ) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {chart: ["Multiline", [tag regexes]]}}`` for
     ``SummaryWriter.add_custom_scalars``: one category ``f"Neural collapse ({prefix})"`` per prefix, with
@@ -49,6 +62,10 @@ def dashboard_layout(
     ``f"Held-out collapse ({prefix})"`` puts training and validation in one chart: NC1, CDNV, the validation
     accuracy of the network and of the nearest training class mean, NC4, and the mean shift. A held-out regex
     matches the tag of every validation dataloader, e.g. ``^nc_val/([^/]+/)?nc1$``.
+
+    For each prefix in ``layers`` (those with ``layers=``) a category ``f"Per-layer collapse ({prefix})"``: one chart
+    per per-layer key, each with a line per layer (``^nc/layers/[^/]+/nc1$``...), the validation NCC accuracy per
+    layer, and He & Su's depth fit (slope, ratio per layer, Pearson r).
 
     Example:
         >>> layout = dashboard_layout("nc", held_out=["nc"])
@@ -75,16 +92,33 @@ def dashboard_layout(
             ]
             for title, lines in _HELD_OUT_CHARTS
         }
+    for p in layers:
+        head = re.escape(f"{p}/layers/")
+        charts = {title: ["Multiline", [f"^{head}[^/]+/{key}$" for key in keys]] for title, keys in _LAYER_CHARTS}
+        charts["NCC accuracy per layer (validation)"] = [
+            "Multiline",
+            [f"^{re.escape(f'{p}_val/')}([^/]+/)?layers/[^/]+/ncc_accuracy$"],
+        ]
+        charts["Depth fit of log NC1 (He & Su)"] = [
+            "Multiline",
+            [f"^{head}nc1_depth_(slope|ratio|pearson_r)(_prev_means)?$"],
+        ]
+        layout[f"Per-layer collapse ({p})"] = charts
     return layout
 
 
 @rank_zero_only
-def log_dashboard(loggers: Sequence[Logger], prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = ()) -> None:
+def log_dashboard(
+    loggers: Sequence[Logger],
+    prefix: str | Sequence[str] = "nc",
+    held_out: Sequence[str] = (),
+    layers: Sequence[str] = (),
+) -> None:
     """Write :func:`dashboard_layout` with ``experiment.add_custom_scalars`` to each TensorBoard-like
     logger (others are left alone); returns nothing. A run keeps only its latest layout, so pass every
     prefix in one call. Failures give one ``RuntimeWarning`` per logger type. Runs on global rank 0 only.
     """
-    layout = dashboard_layout(prefix, held_out)
+    layout = dashboard_layout(prefix, held_out, layers)
     for logger in loggers:
         add = getattr(experiment_of(logger), "add_custom_scalars", None)
         if not callable(add):

@@ -25,6 +25,7 @@ from lightning_neural_collapse.functional.etf_deviation import etf_deviation, id
 from lightning_neural_collapse.functional.statistics import ClassStatistics, GlobalMean
 from lightning_neural_collapse.reporting.capabilities import run_dir
 from lightning_neural_collapse.reporting.dashboard import log_dashboard
+from lightning_neural_collapse.reporting.depth_figure import plot_depth
 from lightning_neural_collapse.reporting.figures import log_figure, plot_history, save_figure
 from lightning_neural_collapse.reporting.histograms import log_histograms
 from lightning_neural_collapse.reporting.scalars import log_scalars
@@ -51,12 +52,16 @@ class Reporter:
         self.figure = log_figure
         self.figure_name = figure_name
         self.global_mean = global_mean
+        self.depth_figure_path: str | None = None
+        """Where the progressive-collapse figure (``layers=``) was saved at the end of the last fit, or ``None``."""
 
-    def dashboard(self, trainer: Any, prefixes: Sequence[str], held_out: Sequence[str] = ()) -> None:
+    def dashboard(
+        self, trainer: Any, prefixes: Sequence[str], held_out: Sequence[str] = (), layers: Sequence[str] = ()
+    ) -> None:
         """Write one custom-scalars layout holding every prefix, with the train-vs-validation charts of those in
-        ``held_out`` (rank 0; call it from one instance only)."""
+        ``held_out`` and the per-layer charts of those in ``layers`` (rank 0; call it from one instance only)."""
         if trainer.is_global_zero:
-            log_dashboard(trainer.loggers, list(prefixes), list(held_out))
+            log_dashboard(trainer.loggers, list(prefixes), list(held_out), list(layers))
 
     def scalars(self, trainer: Any, record: Mapping[str, float], prefix: str | None = None) -> None:
         """``record``'s values as ``<prefix>/<key>`` at ``record["step"]``, and into ``callback_metrics``
@@ -90,13 +95,17 @@ class Reporter:
         tpt_epoch: int | None,
         title: str,
         val_history: Sequence[Mapping[str, float]] = (),
+        depth_tpt: int | None = None,
     ) -> str | None:
-        """Draw the history, log it as ``<prefix>/figure`` and save it in the run's directory (rank 0).
+        """Draw the history, log it as ``<prefix>/figure`` and save it in the run's directory (rank 0); with layer
+        keys also the progressive-collapse figure (``<prefix>/progressive_collapse``, ``progressive_collapse*.png``,
+        its path in :attr:`depth_figure_path`; ``depth_tpt``: the TPT epoch it marks).
 
         Returns:
             The path of the saved file, or ``None`` (no figure asked for, no history, no logger with a
             directory of its own, or a failure, which gives one warning).
         """
+        self.depth_figure_path = None
         if not (self.figure and trainer.is_global_zero and trainer.loggers and history):
             return None
         try:
@@ -105,6 +114,11 @@ class Reporter:
             log_figure(trainer.loggers, figure, step=step, tag=f"{self.prefix}/figure")
             # not `trainer.log_dir`: it broadcasts (a collective) and only rank 0 gets here
             directory = next((d for d in map(run_dir, trainer.loggers) if d), None)
+            depth = plot_depth(history, depth_tpt, title=f"Progressive collapse through depth ({title})")
+            if depth is not None:
+                log_figure(trainer.loggers, depth, step=step, tag=f"{self.prefix}/progressive_collapse")
+                name = self.figure_name.replace("neural_collapse", "progressive_collapse", 1)
+                self.depth_figure_path = save_figure(depth, os.path.join(directory, name)) if directory else None
             return save_figure(figure, os.path.join(directory, self.figure_name)) if directory else None
         except Exception as err:  # a lost figure must not fail a finished run
             rank_zero_warn(
