@@ -110,6 +110,21 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
+def timed_trainer(device: str, epochs: int, callbacks: list[Callback], precision: str = "32-true") -> L.Trainer:
+    """A one-device Trainer without logger, progress bar, summary or checkpoints (nothing but the work timed)."""
+    return L.Trainer(
+        accelerator=device,
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        precision=precision,  # type: ignore[arg-type]
+    )
+
+
 def run(config: str, args: argparse.Namespace, data: TensorDataset) -> float:
     """Mean epoch time of one fit, first epoch excluded."""
     L.seed_everything(0, verbose=False)
@@ -120,17 +135,7 @@ def run(config: str, args: argparse.Namespace, data: TensorDataset) -> float:
     if config != "none":
         mode, _, every = config.partition("/")
         callbacks.append(NeuralCollapseCallback(mode=mode, every_n_epochs=int(every or 1), log_figure=False))
-    trainer = L.Trainer(
-        accelerator=args.device,
-        devices=1,
-        max_epochs=args.epochs,
-        callbacks=[*callbacks, timer],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        precision=args.precision,
-    )
+    trainer = timed_trainer(args.device, args.epochs, [*callbacks, timer], precision=args.precision)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
     trainer.fit(Classifier(net), loader)
     return statistics.fmean(timer.times[1:])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lm_toy import LM, VOCAB, Sequences, token_samples
-from reference import reference_metrics
+from reference import layer_reference, reference_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -177,3 +177,21 @@ def test_a_subset_of_the_classes(classes: Any, classes_from: str) -> None:
     assert nc.last_statistics is not None and int(nc.last_statistics.present.sum()) == measured[-1]
     if isinstance(classes, list):
         assert set(torch.nonzero(nc.last_statistics.present).flatten().tolist()) <= set(classes)
+
+
+def test_layers_of_a_language_model_are_measured_per_token() -> None:
+    """``layers=`` on a sequence model: each layer's (B, T, D) output gives one row per position, with the same
+    shifted labels and padding as the classifier's; the final norm's rows are the features themselves."""
+    data = Sequences()
+    torch.manual_seed(0)
+    module = LM()
+    nc = NeuralCollapseCallback(mode="exact", layers=["model.mix", "model.norm"], log_figure=False)
+    fit(module, nc, DataLoader(data, batch_size=16, shuffle=True), epochs=2)
+    h, labels, _ = token_samples(module, data)
+    last = nc.history[-1]
+    assert last["layers/model.norm/nc1"] == pytest.approx(last["nc1"], rel=1e-9)
+    expected = layer_reference(h.numpy(), labels.numpy(), VOCAB)
+    for key in ("nc1_trace_ratio", "nc1_cdnv", "nc2_equinorm_means", "nc2_etf_distance_means"):
+        assert last[f"layers/model.norm/{key}"] == pytest.approx(expected[key], rel=1e-6), key
+    assert last["layers/model.norm/ncc_accuracy"] == expected["ncc_accuracy"]
+    assert 0.0 <= last["layers/model.mix/ncc_accuracy"] <= 1.0 and last["layers/model.mix/nc1"] > 0
