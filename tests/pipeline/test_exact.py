@@ -181,3 +181,23 @@ def test_measurement_runs_both_passes_and_propagates_failures() -> None:
         ExactPass(model, DataLoader(DATA, batch_size=8), other, LabelReader(None, 2, None), lambda batch: batch[0]).run(
             lambda captured, y: None
         )
+
+
+def test_the_pass_pads_to_the_agreed_forwards_without_counting_them() -> None:
+    """Under a sharded strategy every forward is a collective: a rank with fewer batches repeats its first one."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    binding = Binding(model, "2")
+    loader = DataLoader(DATA, batch_size=8)  # 3 batches: 8, 8, 4
+    padded = ExactPass(model, loader, binding, LabelReader(None, 2, None), lambda b: b[0], forwards=5)
+    consumed: list[int] = []
+    assert padded.local_forwards() == 3
+    assert padded.run(lambda captured, labels: consumed.append(captured.num_samples)) == 3
+    assert consumed == [8, 8, 4] and calls == [8, 8, 4, 8, 8]  # two uncounted repeats of the first batch
+    limited = ExactPass(model, loader, binding, LabelReader(None, 2, None), lambda b: b[0], max_batches=2)
+    assert limited.local_forwards() == 2
+    empty = ExactPass(model, [], binding, LabelReader(None, 2, None), lambda b: b[0], forwards=1)
+    with pytest.raises(RuntimeError, match="shard of the exact pass is empty"):
+        empty.run(lambda captured, labels: None)
+    binding.close()

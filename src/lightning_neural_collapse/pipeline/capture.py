@@ -9,7 +9,8 @@ state, stays correct when it fires twice per step (activation checkpointing) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -74,19 +75,76 @@ def find_classifier(model: nn.Module, name: str | None = None) -> tuple[str, nn.
     )
 
 
-def classifier_parameters(module: nn.Module, num_classes: int, dim: int) -> tuple[Tensor | None, Tensor | None]:
-    """The classifier's weight as ``(C, D)`` and bias as ``(C,)``, detached, or ``None`` where unavailable.
+def classifier_parameters(
+    module: nn.Module, num_classes: int, dim: int, model: nn.Module | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The classifier's weight as ``(C, D)`` and bias as ``(C,)``, detached, full on every rank, or ``None`` where
+    unavailable.
 
-    Works for ``nn.Linear`` and any module whose ``weight`` has ``C * D`` entries (a 1x1 ``Conv2d`` head);
-    a sharded ``DTensor`` weight (FSDP2) is gathered, which is a collective: call on every rank.
+    Works for ``nn.Linear`` and any module whose ``weight`` has ``C * D`` entries (a 1x1 ``Conv2d`` head), and for
+    sharded parameters (:func:`full_parameters`): a collective then, so call it on every rank, outside forward
+    and backward.
     """
-    weight = _full(getattr(module, "weight", None))
-    bias = _full(getattr(module, "bias", None))
-    w = None
-    if weight is not None and weight.numel() == num_classes * dim:
-        w = weight.detach().reshape(num_classes, dim)
-    b = bias.detach().reshape(num_classes) if bias is not None and bias.numel() == num_classes else None
+    copy = is_sharded(module, model)  # a gathered parameter is resharded when the context ends: keep a copy
+    with full_parameters(module, model):
+        weight = _full(getattr(module, "weight", None))
+        bias = _full(getattr(module, "bias", None))
+        w = b = None
+        if weight is not None and weight.numel() == num_classes * dim:
+            w = weight.detach().reshape(num_classes, dim)
+        if bias is not None and bias.numel() == num_classes:
+            b = bias.detach().reshape(num_classes)
+        if copy:
+            w, b = (None if w is None else w.clone()), (None if b is None else b.clone())
     return w, b
+
+
+@contextmanager
+def full_parameters(module: nn.Module, model: nn.Module | None = None) -> Iterator[None]:
+    """Inside, ``module``'s own parameters are full (unsharded) on every rank; read them, do not write them.
+
+    - FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``): a parameter is a ``DTensor``, gathered by
+      reading it through ``full_tensor()`` (this context leaves it as it is).
+    - FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``): every FSDP root of ``model`` (default
+      ``module``) in ``summon_full_params(writeback=False)``; without CPU offload, which crashes on CPU shards.
+    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters(..., modifier_rank=None)`` of the module's parameters.
+
+    Each is a collective: every rank must enter, in the same order (the callback does so at the end of a
+    measurement, on every rank). Plain parameters: nothing happens.
+    """
+    with ExitStack() as stack:
+        roots = _fsdp1_roots(model if model is not None else module)
+        if roots:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            for root in roots:
+                stack.enter_context(FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True))
+        zero = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        if zero:
+            import deepspeed  # present whenever a parameter carries a ZeRO id
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero, modifier_rank=None))
+        yield
+
+
+def is_sharded(module: nn.Module, model: nn.Module | None = None) -> bool:
+    """Whether ``module``'s parameters are sharded (FSDP1, FSDP2 or ZeRO-3): their local shapes are not the
+    model's, so shape checks must wait for :func:`full_parameters`. Host metadata only, no collective."""
+    own = list(module.parameters(recurse=False))
+    if any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in own):
+        return True
+    return bool(_fsdp1_roots(model if model is not None else module))
+
+
+def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
+    """The outermost ``FullyShardedDataParallel`` modules of ``model`` (FSDP1), empty without any."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return []
+    return list(FullyShardedDataParallel.fsdp_modules(model, root_only=True))
 
 
 class FeatureCapture:
@@ -256,8 +314,17 @@ class Binding:
         self.capture.attach()
 
     def parameters(self, num_classes: int, dim: int) -> tuple[Tensor | None, Tensor | None]:
-        """The classifier's ``(C, D)`` weight and ``(C,)`` bias, see :func:`classifier_parameters`."""
-        return classifier_parameters(self.module, num_classes, dim)
+        """The classifier's ``(C, D)`` weight and ``(C,)`` bias, full on every rank (a collective when sharded),
+        see :func:`classifier_parameters`."""
+        return classifier_parameters(self.module, num_classes, dim, self.model)
+
+    def has_weight(self, num_classes: int, dim: int) -> bool:
+        """Whether the classifier has a ``(C, D)`` weight, from host metadata (no collective: a sharded weight is
+        taken on trust until the measurement gathers it; a ``DTensor`` reports its global size)."""
+        weight = getattr(self.module, "weight", None)
+        if isinstance(weight, Tensor) and weight.numel() == num_classes * dim:
+            return True
+        return is_sharded(self.module, self.model)
 
     def peek(self) -> Captured | None:
         """The samples of the latest forward (kept): see :meth:`take`."""

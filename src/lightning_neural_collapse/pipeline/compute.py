@@ -9,12 +9,13 @@ in the same order, whatever happened locally. Each round is *local work, then ag
    samples, online NC4 counts). If any rank failed, every rank skips the epoch. From the summed counts the
    caller decides TPT and whether NC is measured (``decide``): the same decision on every rank.
 1. statistics, when NC is measured. Exact mode first *aligns* the model (``broadcast`` of rank 0's buffers,
-   restored afterwards, so that every rank measures the same model), then runs the eval pass over its shard
-   (local work); online mode already has its sums. **Agree** on the pass's outcome and counts (one small
-   ``all_reduce``); if any rank failed, every rank skips. **Reduce** the per-class statistics (one in-place
-   ``all_reduce`` per state, inside :meth:`~lightning_neural_collapse.NeuralCollapse.statistics`), then, with
-   ``layers=``, each listed layer's sums in depth order (:meth:`~lightning_neural_collapse.pipeline.layer_sums.
-   LayerSums.reduce`: its moments, then its projection).
+   restored afterwards, so that every rank measures the same model) and **agrees** on the number of forwards
+   per pass (one ``all_reduce`` MAX: a sharded model's forward is itself a collective, so a rank with fewer
+   batches repeats one, uncounted), then runs the eval pass over its shard (local work); online mode already
+   has its sums. **Agree** on the pass's outcome and counts (one small ``all_reduce``); if any rank failed,
+   every rank skips. **Reduce** the per-class statistics (one in-place ``all_reduce`` per state, inside
+   :meth:`~lightning_neural_collapse.NeuralCollapse.statistics`), then, with ``layers=``, each listed layer's
+   sums in depth order (``LayerSums.reduce``: its moments, then its projection).
 2. exact mode only: the NC4 pass against the reduced class means, which also measures each layer's samples
    against that layer's reduced means (local), then **agree** on its outcome and counts, then **reduce** the
    layers' second-pass sums.
@@ -75,6 +76,13 @@ class RankGroup:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.process_group)
         return tensor
+
+    def extremes(self, value: int, device: torch.device) -> tuple[int, int]:
+        """``(min, max)`` of an integer over the ranks: one ``all_reduce`` (MAX of ``[-value, value]``)."""
+        both = torch.tensor([-value, value], dtype=torch.long, device=device)
+        if self.world_size > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        return -int(both[0]), int(both[1])
 
     @contextmanager
     def aligned(self, module: nn.Module) -> Iterator[None]:
@@ -152,12 +160,15 @@ class ExactRun:
     """Exact mode's local work: ``statistics()`` runs pass 1 and returns the per-class statistics metric and the
     pass's counts (``errors``, ``total``, ``nonfinite``, ``bad_label``); ``ncc(means, present)`` runs pass 2
     and returns ``(mismatches, total)``; ``model`` is what :meth:`RankGroup.aligned` aligns; ``layers`` the
-    per-layer work (``layers=``), or ``None``."""
+    per-layer work (``layers=``), or ``None``; ``forwards`` returns this rank's forwards per pass (``-1``
+    unknown) and ``pad_to`` makes both passes run the agreed number (sharded forwards are collectives)."""
 
     statistics: Callable[[], tuple[NeuralCollapse, dict[str, Tensor | int]]]
     ncc: Callable[[Tensor, Tensor], tuple[Tensor | int, Tensor | int]]
     model: nn.Module
     layers: ExactLayers | None = None
+    forwards: Callable[[], int] | None = None
+    pad_to: Callable[[int | None], None] | None = None
 
 
 @dataclass
@@ -218,6 +229,9 @@ def finish_epoch(
         layers = local.layers.reduce() if local.layers is not None else None
         return _outcome(steps.counts, {}, stats, weights, measure, layers)
     with group.aligned(exact.model):
+        if exact.forwards is not None and exact.pad_to is not None:  # agree on the number of forwards
+            fewest, most = group.extremes(exact.forwards(), local.device)
+            exact.pad_to(most if fewest >= 0 else None)  # unknown on some rank: one forward per batch
         failure, metric, pass_counts = _attempt(exact.statistics)
         first = agree(group, failure, pass_counts or _EMPTY_PASS, local.device)
         if first.failed:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from lightning_neural_collapse.metrics import NCCMismatch, NeuralCollapse
+from lightning_neural_collapse.pipeline import loop
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
 from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import ExactRun
@@ -142,6 +143,9 @@ class ExactPass:
         to_device: moves a batch to the model's device (``trainer.strategy.batch_to_device``).
         context: a context manager factory wrapped around the pass (``precision_plugin.forward_context``).
         max_batches: stop after this many batches (``limit_train_batches``), or ``None``.
+        forwards: run exactly this many forwards (agreed over the ranks, see :meth:`ExactMeasurement.pad_to`): a
+            rank with fewer batches repeats its first one without counting it, because under a sharded strategy
+            every forward is a collective. ``None``: one forward per batch.
     """
 
     def __init__(
@@ -155,8 +159,10 @@ class ExactPass:
         to_device: Callable[[Any], Any] = lambda batch: batch,
         context: Callable[[], AbstractContextManager[Any]] = nullcontext,
         max_batches: int | None = None,
+        forwards: int | None = None,
     ) -> None:
         self.model = model
+        self.forwards = forwards
         self.loader = loader
         self.binding = binding
         self.labels = labels
@@ -171,11 +177,15 @@ class ExactPass:
         model or of the getters propagate."""
         batches = 0
         capture = self.binding.capture
+        first: Any = None
         with observing(self.model), self.context():
             for batch in self.loader:
                 if self.max_batches is not None and batches >= self.max_batches:
                     break
+                if self.forwards is not None and batches >= self.forwards:
+                    break
                 batch = self.to_device(batch)
+                first = batch if first is None else first
                 capture.clear()
                 call_model(self.model, self.input_getter(batch))
                 captured = self.binding.take()
@@ -183,8 +193,24 @@ class ExactPass:
                     raise RuntimeError(f"the classifier `{self.binding.name}` did not run in the model's forward")
                 consume(captured, self.labels.read(batch, captured.features.device, captured.layout))
                 batches += 1
+            padding = 0 if self.forwards is None else self.forwards - batches
+            if padding > 0 and first is None:
+                raise RuntimeError(
+                    "this rank's shard of the exact pass is empty, but the other ranks' forwards are collectives "
+                    "(a sharded model): give every rank at least one batch (a smaller batch size, or fewer ranks)"
+                )
+            for _ in range(padding):  # the same number of forwards on every rank; these samples are not counted
+                call_model(self.model, self.input_getter(first))
         capture.clear()
         return batches
+
+    def local_forwards(self) -> int:
+        """How many forwards :meth:`run` makes without padding: the loader's batches (``limit_train_batches``
+        applied); ``-1`` for a loader without a length."""
+        total = loop.length(self.loader)
+        if total is None:
+            return -1
+        return total if self.max_batches is None else min(total, self.max_batches)
 
 
 class ExactMeasurement:
@@ -220,10 +246,20 @@ class ExactMeasurement:
         self.second_layers = second_layers
         self._first: LayerSums | None = None
         self._second: LayerSums | None = None
+        self._forwards: int | None = None
 
     def run(self) -> ExactRun:
         """The two passes as :class:`~lightning_neural_collapse.pipeline.compute.ExactRun` callables."""
-        return ExactRun(self.statistics, self.ncc, self.model, self if self.second_layers is not None else None)
+        layers = self if self.second_layers is not None else None
+        return ExactRun(self.statistics, self.ncc, self.model, layers, forwards=self.local_forwards, pad_to=self.pad_to)
+
+    def local_forwards(self) -> int:
+        """This rank's forwards per pass without padding (``-1``: unknown, a loader without a length)."""
+        return self.new_pass().local_forwards()
+
+    def pad_to(self, forwards: int | None) -> None:
+        """Make every later pass run exactly ``forwards`` forwards (``None``: one per batch)."""
+        self._forwards = forwards
 
     def first(self) -> LayerSums:
         """Pass 1's per-layer sums (after :meth:`statistics`)."""
@@ -252,7 +288,7 @@ class ExactMeasurement:
                 acc = self.new_accumulator(captured.features)
             acc.add(captured, labels)
 
-        self.new_pass().run(consume)
+        self._pass().run(consume)
         if acc is None:  # an empty shard: take part with nothing
             acc = self.new_accumulator(self.empty_features())
         assert acc.statistics is not None
@@ -271,8 +307,13 @@ class ExactMeasurement:
             if layers is not None:
                 layers.add(captured.layers, labels.to(counted.device), counted)
 
-        self.new_pass().run(consume)
+        self._pass().run(consume)
         return metric.mismatches, metric.total
+
+    def _pass(self) -> ExactPass:
+        exact_pass = self.new_pass()
+        exact_pass.forwards = self._forwards
+        return exact_pass
 
 
 @contextmanager

@@ -244,7 +244,7 @@ class FitState:
         self.layer_dims = self._layer_dims()
         self.first_step, self.shapes = None, shapes
         self.labels = LabelReader(label_getter, shapes.num_classes, ignore_index, shift=shift)
-        if self.binding.parameters(shapes.num_classes, shapes.dim)[0] is None:
+        if not self.binding.has_weight(shapes.num_classes, shapes.dim):  # metadata only: inside the step
             self.warn("no-weight", say.no_weight(self.binding.name, shapes.num_classes, shapes.dim))
 
     def _layer_dims(self) -> dict[str, int] | None:
