@@ -190,7 +190,11 @@ def test_the_pass_pads_to_the_agreed_forwards_without_counting_them() -> None:
     model.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
     binding = Binding(model, "2")
     loader = DataLoader(DATA, batch_size=8)  # 3 batches: 8, 8, 4
+    unsharded = ExactPass(model, loader, binding, LabelReader(None, 2, None), lambda b: b[0], forwards=5)
+    assert unsharded.run(lambda captured, labels: None) == 3 and len(calls) == 3  # DDP: nothing to pad
+    calls.clear()
     padded = ExactPass(model, loader, binding, LabelReader(None, 2, None), lambda b: b[0], forwards=5)
+    padded.sharded = True  # as for a model whose forward is a collective
     consumed: list[int] = []
     assert padded.local_forwards() == 3
     assert padded.run(lambda captured, labels: consumed.append(captured.num_samples)) == 3
@@ -198,6 +202,8 @@ def test_the_pass_pads_to_the_agreed_forwards_without_counting_them() -> None:
     limited = ExactPass(model, loader, binding, LabelReader(None, 2, None), lambda b: b[0], max_batches=2)
     assert limited.local_forwards() == 2
     empty = ExactPass(model, [], binding, LabelReader(None, 2, None), lambda b: b[0], forwards=1)
+    assert empty.run(lambda captured, labels: None) == 0  # unsharded: an empty shard takes part with nothing
+    empty.sharded = True
     with pytest.raises(RuntimeError, match="shard of the exact pass is empty"):
         empty.run(lambda captured, labels: None)
     binding.close()

@@ -136,6 +136,14 @@ def is_sharded(module: nn.Module, model: nn.Module | None = None) -> bool:
     return bool(_fsdp1_roots(model if model is not None else module))
 
 
+def model_is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is sharded (FSDP1, FSDP2 or ZeRO-3): its forward is then a collective.
+    Host metadata only."""
+    if any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    return bool(_fsdp1_roots(model))
+
+
 def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
     """The outermost ``FullyShardedDataParallel`` modules of ``model`` (FSDP1), empty without any."""
     try:

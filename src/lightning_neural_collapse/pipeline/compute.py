@@ -230,7 +230,11 @@ def finish_epoch(
         return _outcome(steps.counts, {}, stats, weights, measure, layers)
     with group.aligned(exact.model):
         if exact.forwards is not None and exact.pad_to is not None:  # agree on the number of forwards
-            fewest, most = group.extremes(exact.forwards(), local.device)
+            try:
+                mine = exact.forwards()
+            except Exception:  # the pass itself will fail and say why, at its agreement
+                mine = -1
+            fewest, most = group.extremes(mine, local.device)
             exact.pad_to(most if fewest >= 0 else None)  # unknown on some rank: one forward per batch
         failure, metric, pass_counts = _attempt(exact.statistics)
         first = agree(group, failure, pass_counts or _EMPTY_PASS, local.device)

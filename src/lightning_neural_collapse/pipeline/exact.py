@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 from lightning_neural_collapse.metrics import NCCMismatch, NeuralCollapse
 from lightning_neural_collapse.pipeline import loop
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
-from lightning_neural_collapse.pipeline.capture import Binding
+from lightning_neural_collapse.pipeline.capture import Binding, model_is_sharded
 from lightning_neural_collapse.pipeline.compute import ExactRun
 from lightning_neural_collapse.pipeline.labels import LabelReader, call_model
 from lightning_neural_collapse.pipeline.layer_sums import LayerResults, LayerSums
@@ -143,9 +143,10 @@ class ExactPass:
         to_device: moves a batch to the model's device (``trainer.strategy.batch_to_device``).
         context: a context manager factory wrapped around the pass (``precision_plugin.forward_context``).
         max_batches: stop after this many batches (``limit_train_batches``), or ``None``.
-        forwards: run exactly this many forwards (agreed over the ranks, see :meth:`ExactMeasurement.pad_to`): a
-            rank with fewer batches repeats its first one without counting it, because under a sharded strategy
-            every forward is a collective. ``None``: one forward per batch.
+        forwards: with a sharded model (:func:`~lightning_neural_collapse.pipeline.capture.model_is_sharded`),
+            run exactly this many forwards (agreed over the ranks, see :meth:`ExactMeasurement.pad_to`): a rank with
+            fewer batches repeats its first one without counting it, because every sharded forward is a collective.
+            ``None``, or an unsharded model: one forward per batch.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class ExactPass:
     ) -> None:
         self.model = model
         self.forwards = forwards
+        self.sharded = model_is_sharded(model)
         self.loader = loader
         self.binding = binding
         self.labels = labels
@@ -193,7 +195,7 @@ class ExactPass:
                     raise RuntimeError(f"the classifier `{self.binding.name}` did not run in the model's forward")
                 consume(captured, self.labels.read(batch, captured.features.device, captured.layout))
                 batches += 1
-            padding = 0 if self.forwards is None else self.forwards - batches
+            padding = 0 if self.forwards is None or not self.sharded else self.forwards - batches
             if padding > 0 and first is None:
                 raise RuntimeError(
                     "this rank's shard of the exact pass is empty, but the other ranks' forwards are collectives "
