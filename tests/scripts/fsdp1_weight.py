@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lightning_neural_collapse.pipeline.capture import Binding, is_sharded
+from lightning_neural_collapse.pipeline.capture import Binding
+from lightning_neural_collapse.pipeline.sharding import is_sharded
 
 
 def worker(rank: int, outdir: str, port: str) -> None:

@@ -9,8 +9,7 @@ state, stays correct when it fires twice per step (activation checkpointing) and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_neural_collapse.pipeline.layer_taps import LayerReduce, LayerTaps, resolve_layers
 from lightning_neural_collapse.pipeline.samples import Captured, samples_from_weight, samples_of
+from lightning_neural_collapse.pipeline.sharding import full_parameters, is_sharded
 
 
 class ClassifierNotFoundError(ValueError):
@@ -82,8 +82,8 @@ def classifier_parameters(
     unavailable.
 
     Works for ``nn.Linear`` and any module whose ``weight`` has ``C * D`` entries (a 1x1 ``Conv2d`` head), and for
-    sharded parameters (:func:`full_parameters`): a collective then, so call it on every rank, outside forward
-    and backward.
+    sharded parameters (:func:`~lightning_neural_collapse.pipeline.sharding.full_parameters`): a collective then,
+    so call it on every rank, outside forward and backward.
     """
     copy = is_sharded(module, model)  # a gathered parameter is resharded when the context ends: keep a copy
     with full_parameters(module, model):
@@ -97,62 +97,6 @@ def classifier_parameters(
         if copy:
             w, b = (None if w is None else w.clone()), (None if b is None else b.clone())
     return w, b
-
-
-@contextmanager
-def full_parameters(module: nn.Module, model: nn.Module | None = None) -> Iterator[None]:
-    """Inside, ``module``'s own parameters are full (unsharded) on every rank; read them, do not write them.
-
-    - FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``): a parameter is a ``DTensor``, gathered by
-      reading it through ``full_tensor()`` (this context leaves it as it is).
-    - FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``): every FSDP root of ``model`` (default
-      ``module``) in ``summon_full_params(writeback=False)``; without CPU offload, which crashes on CPU shards.
-    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters(..., modifier_rank=None)`` of the module's parameters.
-
-    Each is a collective: every rank must enter, in the same order (the callback does so at the end of a
-    measurement, on every rank). Plain parameters: nothing happens.
-    """
-    with ExitStack() as stack:
-        roots = _fsdp1_roots(model if model is not None else module)
-        if roots:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            for root in roots:
-                stack.enter_context(FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True))
-        zero = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
-        if zero:
-            import deepspeed  # present whenever a parameter carries a ZeRO id
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero, modifier_rank=None))
-        yield
-
-
-def is_sharded(module: nn.Module, model: nn.Module | None = None) -> bool:
-    """Whether ``module``'s parameters are sharded (FSDP1, FSDP2 or ZeRO-3): their local shapes are not the
-    model's, so shape checks must wait for :func:`full_parameters`. Host metadata only, no collective."""
-    own = list(module.parameters(recurse=False))
-    if any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in own):
-        return True
-    return bool(_fsdp1_roots(model if model is not None else module))
-
-
-def model_is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is sharded (FSDP1, FSDP2 or ZeRO-3): its forward is then a collective.
-    Host metadata only."""
-    if any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters()):
-        return True
-    return bool(_fsdp1_roots(model))
-
-
-def _fsdp1_roots(model: nn.Module) -> list[nn.Module]:
-    """The outermost ``FullyShardedDataParallel`` modules of ``model`` (FSDP1), empty without any."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without distributed
-        return []
-    if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        return []
-    return list(FullyShardedDataParallel.fsdp_modules(model, root_only=True))
 
 
 class FeatureCapture:

@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 from lightning_neural_collapse.metrics import NCCMismatch, NeuralCollapse
 from lightning_neural_collapse.pipeline import loop
 from lightning_neural_collapse.pipeline.accumulate import Accumulator
-from lightning_neural_collapse.pipeline.capture import Binding, model_is_sharded
+from lightning_neural_collapse.pipeline.capture import Binding
 from lightning_neural_collapse.pipeline.compute import ExactRun
 from lightning_neural_collapse.pipeline.labels import LabelReader, call_model
 from lightning_neural_collapse.pipeline.layer_sums import LayerResults, LayerSums
 from lightning_neural_collapse.pipeline.samples import Captured
+from lightning_neural_collapse.pipeline.sharding import model_is_sharded
 
 Consumer = Callable[[Captured, Tensor], None]
 
@@ -143,7 +144,7 @@ class ExactPass:
         to_device: moves a batch to the model's device (``trainer.strategy.batch_to_device``).
         context: a context manager factory wrapped around the pass (``precision_plugin.forward_context``).
         max_batches: stop after this many batches (``limit_train_batches``), or ``None``.
-        forwards: with a sharded model (:func:`~lightning_neural_collapse.pipeline.capture.model_is_sharded`),
+        forwards: with a sharded model (:func:`~lightning_neural_collapse.pipeline.sharding.model_is_sharded`),
             run exactly this many forwards (agreed over the ranks, see :meth:`ExactMeasurement.pad_to`): a rank with
             fewer batches repeats its first one without counting it, because every sharded forward is a collective.
             ``None``, or an unsharded model: one forward per batch.
