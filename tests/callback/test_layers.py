@@ -26,16 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from toy import QUIET
 
 from lightning_neural_collapse import NeuralCollapseCallback
+from lightning_neural_collapse.functional.layers import STATISTICS_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-STATISTICS = (
-    "nc1_trace_ratio",
-    "nc1_cdnv",
-    "nc2_equinorm_means",
-    "nc2_equiangular_means",
-    "nc2_maxangle_means",
-    "nc2_etf_distance_means",
-)
+STATISTICS = STATISTICS_KEYS  # the keys of one pass's per-class means and variances
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "wide_layer.py"
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_neural_collapse.functional.nc1 import _mean_directions
 from lightning_neural_collapse.functional.nc2 import equinorm
 from lightning_neural_collapse.functional.pairs import pair_sums
-from lightning_neural_collapse.functional.statistics import GlobalMean, global_mean
+from lightning_neural_collapse.functional.statistics import GlobalMean, PerClassCounts, global_mean
 
 STATISTICS_KEYS: tuple[str, ...] = (
     "nc1_trace_ratio",
@@ -51,8 +51,9 @@ means (and ``P``) of the previous measurement, as online NC4 is."""
 
 
 @dataclass(frozen=True)
-class MeanStatistics:
-    """Per-class first moments of one layer's features, float64.
+class MeanStatistics(PerClassCounts):
+    """Per-class first moments of one layer's features, float64: a
+    :class:`~lightning_neural_collapse.functional.statistics.ClassStatistics` without ``Sigma_W``.
 
     Attributes:
         counts: ``(C,)`` samples per class (0 for an absent class).
@@ -63,16 +64,6 @@ class MeanStatistics:
     counts: Tensor
     means: Tensor
     variances: Tensor
-
-    @property
-    def present(self) -> Tensor:
-        """``(C,)`` bool: the classes with at least one sample."""
-        return self.counts > 0
-
-    @property
-    def num_samples(self) -> int:
-        """``N``, the samples counted."""
-        return int(self.counts.sum())
 
 
 def mean_statistics(features: Tensor, labels: Tensor, num_classes: int) -> MeanStatistics:

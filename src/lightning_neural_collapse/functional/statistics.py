@@ -17,8 +17,24 @@ GlobalMean = Literal["classes", "sample"]
 GLOBAL_MEAN_CHOICES: tuple[str, ...] = ("classes", "sample")
 
 
+class PerClassCounts:
+    """What every per-class statistics object derives from its ``counts`` (a ``(C,)`` tensor attribute)."""
+
+    counts: Tensor
+
+    @property
+    def present(self) -> Tensor:
+        """``(C,)`` boolean mask of the classes with at least one sample."""
+        return self.counts > 0
+
+    @property
+    def num_samples(self) -> int:
+        """Total number of samples ``N``."""
+        return int(self.counts.sum().item())
+
+
 @dataclass(frozen=True)
-class ClassStatistics:
+class ClassStatistics(PerClassCounts):
     """Per-class statistics of features ``h_i`` in ``R^D`` with labels in ``{0..C-1}``, all float64.
 
     Attributes:
@@ -32,16 +48,6 @@ class ClassStatistics:
     means: Tensor
     within_cov: Tensor
     variances: Tensor
-
-    @property
-    def present(self) -> Tensor:
-        """``(C,)`` boolean mask of the classes with at least one sample."""
-        return self.counts > 0
-
-    @property
-    def num_samples(self) -> int:
-        """Total number of samples ``N``."""
-        return int(self.counts.sum().item())
 
 
 def class_statistics(features: Tensor, labels: Tensor, num_classes: int | None = None) -> ClassStatistics:
