@@ -82,3 +82,18 @@ def test_a_layer_that_did_not_run_is_an_error_and_a_changed_width_drops_its_refe
     stale = {"a": centres(torch.randn(3, 4, dtype=torch.float64))}
     fresh = LayerSums({"a": 5}, {"a": "a"}, 3, CPU, moments=True, references=stale, project=True)
     assert fresh.projections == {} and torch.equal(fresh.moments["a"].shift, torch.zeros(3, 5, dtype=torch.float64))
+
+
+def test_centres_are_computed_once_and_carried_into_the_merged_results() -> None:
+    """Exact mode needs each layer's means and P for its second pass, and again to keep them: one SVD each."""
+    layers, y = rows(2)
+    sums = LayerSums({"a": 5}, {"a": "a"}, 3, CPU, moments=True)
+    sums.add({"a": layers["a"]}, y, torch.ones(60, dtype=torch.bool))
+    first = sums.reduce()
+    centres = first.centres()
+    assert first.centres() is centres
+    second = LayerSums({"a": 5}, {"a": "a"}, 3, CPU, moments=False, references=centres, project=True)
+    second.add({"a": layers["a"]}, y, torch.ones(60, dtype=torch.bool))
+    merged = first.merged(second.reduce())
+    assert merged.centres() is centres
+    assert torch.equal(centres["a"].means, mean_statistics(layers["a"], y, 3).means)

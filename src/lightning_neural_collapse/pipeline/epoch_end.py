@@ -299,9 +299,7 @@ class EpochEnd:
         saved.commit(record)
         fit.last_finished = epoch
         if outcome.statistics is not None:
-            saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
-            if outcome.layers is not None:
-                saved.layer_references = {name: ref.cpu() for name, ref in outcome.layers.centres().items()}
+            self._remember(outcome)
             fit.last_measured, fit.exact_measured = epoch, fit.exact_measured or self.config.mode == "exact"
             wanted = self.config.classes
             if isinstance(wanted, int) and self.config.classes_from == "frequent" and saved.subset is None:
@@ -351,11 +349,16 @@ class EpochEnd:
         extra = build_record(outcome, epoch_index, int(last["step"]), exact=self.config.mode == "exact", partial=True)
         new = {key: value for key, value in extra.items() if key not in last}
         last.update(new)
+        self._remember(outcome)
+        self.reporter.scalars(trainer, {"step": last["step"], **new})
+        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
+
+    def _remember(self, outcome: EpochOutcome) -> None:
+        """Keep a measured outcome's class means (and each layer's, with its NC1 directions) for the next
+        measurement and the validation runs, and its statistics for :attr:`last_statistics`."""
         self.saved.reference, self.last_statistics = reference_of(outcome), outcome.statistics
         if outcome.layers is not None:
             self.saved.layer_references = {name: ref.cpu() for name, ref in outcome.layers.centres().items()}
-        self.reporter.scalars(trainer, {"step": last["step"], **new})
-        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
 
     def _warn_failure(self, fit: FitState, outcome: EpochOutcome, epoch: int) -> None:
         own = (

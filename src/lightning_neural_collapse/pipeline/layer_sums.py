@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -86,15 +86,22 @@ class LayerResults:
     suffix: str
     global_mean: GlobalMean
     dtype: torch.dtype
+    known_centres: dict[str, LayerCentres] | None = field(default=None, compare=False, repr=False)
+    """:meth:`centres` once computed (an SVD per layer: exact mode needs them for its second pass and again to
+    keep them, and :meth:`merged` passes them on)."""
 
     def centres(self) -> dict[str, LayerCentres]:
         """The layers' class means, present classes and NC1 directions (the next measurement's shift, centres and
-        ``P``), on the statistics' device; computed outside any training step."""
-        return {
-            r.name: LayerCentres.of(r.statistics.means, r.statistics.present, self.global_mean)
-            for r in self.layers
-            if r.statistics is not None
-        }
+        ``P``), on the statistics' device; computed once, outside any training step."""
+        if self.known_centres is None:
+            centres = {
+                r.name: LayerCentres.of(r.statistics.means, r.statistics.present, self.global_mean)
+                for r in self.layers
+                if r.statistics is not None
+            }
+            object.__setattr__(self, "known_centres", centres)  # a cache of values derived from frozen fields
+        assert self.known_centres is not None
+        return self.known_centres
 
     def values(self, *, statistics: bool = True) -> dict[str, float]:
         """``layers/<tag>/<key>`` for every defined key (``statistics``: the moments' keys too), and He & Su's depth
@@ -128,7 +135,7 @@ class LayerResults:
             )
             for r in self.layers
         )
-        return LayerResults(layers, other.suffix, self.global_mean, self.dtype)
+        return LayerResults(layers, other.suffix, self.global_mean, self.dtype, self.known_centres)  # same means
 
 
 class LayerSums:
