@@ -195,6 +195,7 @@ class NeuralCollapseCallback(Callback):
             log_figure=log_figure,
             figure_name=self.config.figure_name,
             global_mean=global_mean,
+            title=f"Neural Collapse ({mode} mode)",
         )
         self._saved = SavedState(tpt_threshold, unit_key="window" if self.config.windows else "epoch")
         self._fit: FitState | None = None
@@ -274,6 +275,7 @@ class NeuralCollapseCallback(Callback):
         self._saved.restored = False
         self.figure_path = self.depth_figure_path = self._end.last_statistics = None
         reset_warnings()
+        self.reporter.start_fit(loop.last_unit(trainer, self.config.every_n_train_steps))
         if trainer.fast_dev_run:  # type: ignore[attr-defined]
             rank_zero_info("NeuralCollapseCallback: disabled under `fast_dev_run`, nothing is measured.")
             return
@@ -442,10 +444,9 @@ class NeuralCollapseCallback(Callback):
         if self._fit.open is not None:
             self._finish(trainer, pl_module)
         self._end.measure_last_epoch(trainer, pl_module, self._fit)
-        title = f"Neural Collapse ({self.config.mode} mode)"
         tpt = self.tpt_step if self.config.windows else self.tpt_epoch
         self.figure_path = self.reporter.final_figure(
-            trainer, self.history, tpt, title, self.val_history, depth_tpt=self.tpt_epoch
+            trainer, self.history, tpt, val_history=self.val_history, depth_tpt=self.tpt_epoch
         )
         self.depth_figure_path = self.reporter.depth_figure_path
 

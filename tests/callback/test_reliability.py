@@ -1034,7 +1034,7 @@ def test_memory_stays_flat_over_200_epochs() -> None:
 class BrokenExperiment:
     """A TensorBoard-like writer whose every call fails (a full disk, a closed writer)."""
 
-    def add_histogram(self, *args: Any, **kwargs: Any) -> None:
+    def add_histogram_raw(self, *args: Any, **kwargs: Any) -> None:
         raise OSError("histogram: disk full")
 
     def add_figure(self, *args: Any, **kwargs: Any) -> None:

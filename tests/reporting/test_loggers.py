@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from lightning_neural_collapse.functional.etf_deviation import NORM_EDGES, Binned, cosine_edges
 from lightning_neural_collapse.reporting import (
     can_log_figure,
     dashboard_layout,
@@ -44,6 +45,12 @@ def _read_tb(logger: TensorBoardLogger) -> EventAccumulator:
     acc = EventAccumulator(logger.log_dir, size_guidance=SIZES)
     acc.Reload()
     return acc
+
+
+def _binned(values: list[float], edges: torch.Tensor | None = None) -> Binned:
+    binned = Binned.count(torch.tensor(values), cosine_edges(10) if edges is None else edges)
+    assert binned is not None
+    return binned
 
 
 def _read_csv(logger: CSVLogger) -> list[dict[str, str]]:
@@ -110,58 +117,6 @@ def test_scalars_reach_tensorboard_and_csv(tmp_path: Path) -> None:
     assert float(rows[0]["nc/train_error"]) == 0.5
 
 
-def test_histograms_tensorboard_fixed_cosine_bins(tmp_path: Path) -> None:
-    tb = TensorBoardLogger(tmp_path)
-    assert histogram_kind(tb) == "tensorboard"
-    values = {
-        "cosines_means": torch.tensor([-0.34, -0.32, -0.33, 1.0000001, float("nan")], dtype=torch.float64),
-        "norms_means": torch.tensor([0.9, 1.0, 1.1], dtype=torch.float64),
-        "norms_weights": torch.ones(4, dtype=torch.float64),  # constant: a perfect ETF
-    }
-    log_histograms([tb], values, step=5, ideal={"cosines_means": -1 / 3, "norms_means": 1.0})
-    acc = _read_tb(tb)
-    assert set(acc.Tags()["histograms"]) == {"nc/hist/cosines_means", "nc/hist/norms_means", "nc/hist/norms_weights"}
-    (event,) = acc.Histograms("nc/hist/cosines_means")
-    assert event.step == 5 and event.histogram_value.num == 4
-    limits = event.histogram_value.bucket_limit
-    assert all(-1.0 <= limit <= 1.0 for limit in limits)
-    assert all(abs(limit * 20 - round(limit * 20)) < 1e-9 for limit in limits)  # edges of linspace(-1, 1, 41)
-    assert acc.Histograms("nc/hist/norms_weights")[0].histogram_value.num == 4
-    gaps = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
-    assert set(gaps) == {"nc/cosines_means_gap", "nc/norms_means_gap"}
-    assert gaps["nc/norms_means_gap"] == pytest.approx(0.2 / 3)
-    assert "nc/cosines_means_median" not in gaps  # TensorBoard gets histograms, not quantiles
-
-
-def test_histograms_csv_get_quantiles(tmp_path: Path) -> None:
-    csv_logger = CSVLogger(tmp_path)
-    assert histogram_kind(csv_logger) is None
-    values = {"norms_means": torch.tensor([0.5, 1.0, 1.5, float("inf")]), "empty": torch.tensor([])}
-    log_histograms([csv_logger], values, step=2, prefix="nc_val", ideal={"norms_means": 1.0})
-    (row,) = _read_csv(csv_logger)
-    got = {key: float(value) for key, value in row.items() if key.startswith("nc_val/")}
-    assert got == {
-        "nc_val/norms_means_min": 0.5,
-        "nc_val/norms_means_q25": 0.75,
-        "nc_val/norms_means_median": 1.0,
-        "nc_val/norms_means_q75": 1.25,
-        "nc_val/norms_means_max": 1.5,
-        "nc_val/norms_means_gap": pytest.approx(1 / 3),
-    }
-    assert row["step"] == "2"
-
-
-def test_empty_and_non_finite_do_not_raise_or_warn(tmp_path: Path) -> None:
-    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        log_histograms([tb, csv_logger], {"cosines_means": torch.tensor([])}, step=0)
-        log_histograms([tb, csv_logger], {"cosines_means": torch.tensor([float("nan"), float("inf")])}, step=1)
-        log_histograms([tb], {"cosines_means": torch.tensor([0.5])}, step=2, ideal={"cosines_means": math.nan})
-        log_scalars([tb, csv_logger], {"nc/nc1": float("nan")}, step=3)
-    assert _read_tb(tb).Tags()["histograms"] == ["nc/hist/cosines_means"]
-
-
 @pytest.mark.parametrize("bad", [_NoMethods(), _Raising()], ids=["no-methods", "log-metrics-raises"])
 def test_broken_logger_warns_once_and_continues(tmp_path: Path, bad: object) -> None:
     recorder = _Recorder()
@@ -169,7 +124,7 @@ def test_broken_logger_warns_once_and_continues(tmp_path: Path, bad: object) -> 
     figure = plot_history([], None)
     with pytest.warns(RuntimeWarning) as record:
         for step in range(3):
-            log_histograms(loggers, {"cosines_means": torch.tensor([-0.5, -0.4])}, step=step)
+            log_histograms(loggers, {"cosines_means": _binned([-0.5, -0.4])}, step=step)
             log_scalars(loggers, {"nc/nc1": 1.0}, step=step)
             log_figure(loggers, figure, step=step)
             log_dashboard(loggers)
@@ -181,7 +136,7 @@ def test_broken_logger_warns_once_and_continues(tmp_path: Path, bad: object) -> 
 
 def test_broken_tensorboard_writer_falls_back_to_quantiles() -> None:
     class Writer:
-        def add_histogram(self, *args: Any, **kwargs: Any) -> None:
+        def add_histogram_raw(self, *args: Any, **kwargs: Any) -> None:
             raise ValueError("disk full")
 
     class BrokenTB(_Recorder):
@@ -189,26 +144,38 @@ def test_broken_tensorboard_writer_falls_back_to_quantiles() -> None:
 
     logger = BrokenTB()
     with pytest.warns(RuntimeWarning, match="disk full"):
-        log_histograms([logger], {"norms_means": torch.tensor([1.0, 2.0])}, step=4)
+        log_histograms([logger], {"norms_means": _binned([0.5, 1.5], NORM_EDGES)}, step=4)
     ((metrics, step),) = logger.calls
-    assert step == 4 and metrics["nc/norms_means_median"] == 1.5
+    assert step == 4 and metrics["nc/norms_means_median"] == pytest.approx(0.5, abs=0.003)
 
 
 def test_dashboard_layout_written(tmp_path: Path) -> None:
     layout = dashboard_layout("nc")
     (charts,) = layout.values()
-    assert {
-        "NC1",
-        "NC2 equinorm",
-        "NC2 equiangularity",
-        "NC2 max-angle",
-        "NC2 ETF distance",
-        "NC3",
-        "NC4",
+    assert list(charts) == [
+        "NC1: Tr(Sigma_W Sigma_B^+) / C",
+        "NC1: CDNV",
+        "NC2: equinorm (std / mean of norms)",
+        "NC2: equiangularity (std of cosines)",
+        "NC2: max-angle (mean |cos + 1/(C-1)|)",
+        "NC2: ETF distance",
+        "NC3: self-duality (falls to 0)",
+        "NC3: cos(w_c, mu_c) (rises to 1)",
+        "NC4: NCC mismatch",
         "Training error",
-    } <= set(charts)
-    assert charts["NC2 equinorm"] == ["Multiline", ["^nc/nc2_equinorm_means$", "^nc/nc2_equinorm_weights$"]]
+        "TPT onset: training error",
+        "TPT onset: NC4 NCC mismatch",
+    ]
+    assert charts["NC2: equinorm (std / mean of norms)"] == [
+        "Multiline",
+        ["^nc/nc2_equinorm_means$", "^nc/nc2_equinorm_weights$"],
+    ]
+    assert charts["NC3: self-duality (falls to 0)"][1] == ["^nc/nc3_self_duality$"]
     assert charts["Training error"][1] == ["^nc/train_error$", "^nc/train_error_eval$"]
+    onset = charts["TPT onset: NC4 NCC mismatch"][1]
+    tags = ["nc/tpt_onset/nc4_ncc_mismatch", "nc/tpt_onset/nc4_ncc_mismatch_prev_means", "nc/nc4_ncc_mismatch"]
+    assert [tag for tag in tags if any(re.match(regex, tag) for regex in onset)] == tags[:2]
+    assert not any(title.endswith("gaps") for title in charts)
     assert len(dashboard_layout(["nc", "nc_val"])) == 2
     tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
     log_dashboard([tb, csv_logger])
@@ -218,8 +185,8 @@ def test_dashboard_layout_written(tmp_path: Path) -> None:
     written = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     (category,) = written.category
     assert category.title == "Neural collapse (nc)"
-    nc1 = next(chart for chart in category.chart if chart.title == "NC1")
-    assert list(nc1.multiline.tag) == ["^nc/nc1$", "^nc/nc1_cdnv$"]
+    nc1 = next(chart for chart in category.chart if chart.title.startswith("NC1: Tr"))
+    assert list(nc1.multiline.tag) == ["^nc/nc1$"]
 
 
 def test_held_out_charts_match_every_validation_loader() -> None:
@@ -248,7 +215,7 @@ def test_plot_history_save_and_log(tmp_path: Path) -> None:
     assert len(figure.axes) >= 7
     nc1_axis = figure.axes[0]
     assert nc1_axis.get_yscale() == "log" and nc1_axis.get_xlabel() == "epoch"
-    assert figure.axes[-1].get_yscale() == "linear"  # training error reaches 0
+    assert figure.axes[-1].get_yscale() == "symlog"  # training error reaches 0: linear below its smallest value
     assert all(any(t.get_text().strip() == "TPT" for t in ax.texts) for ax in figure.axes)
     path = save_figure(figure, tmp_path / "plots" / "history.png")
     assert path is not None and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -316,11 +283,11 @@ def test_wandb_like_logger(monkeypatch: pytest.MonkeyPatch) -> None:
 
     logger = WandbLogger()
     assert histogram_kind(logger) == "wandb" and can_log_figure(logger)
-    log_histograms([logger], {"cosines_means": torch.tensor([-0.5, -0.45])}, step=3, ideal={"cosines_means": -0.5})
-    ((metrics, step),) = logger.calls  # histograms and gaps in one call
+    log_histograms([logger], {"cosines_means": _binned([-0.5, -0.45, -0.2])}, step=3)
+    ((metrics, step),) = logger.calls  # the histograms in one call
     hist = metrics.pop("nc/hist/cosines_means")
-    assert step == 3 and len(hist.edges) == 41 and hist.counts.sum() == 2
-    assert metrics == {"nc/cosines_means_gap": pytest.approx(0.025)}
+    assert step == 3 and hist.counts.sum() == 3 and len(hist.edges) == len(hist.counts) + 1 <= 513
+    assert hist.edges[0] <= -0.5 and hist.edges[-1] >= -0.2 and metrics == {}
     log_figure([logger], plot_history([], None, title="w&b"), step=4)
     ((key, (image,), image_step),) = logger.images
     assert key == "nc/figure" and image_step == 4 and image.shape == (620, 1300, 3)

@@ -36,7 +36,7 @@ def test_scalars_go_to_every_logger_and_to_callback_metrics() -> None:
     logger, fake = Recorder(), trainer()
     fake.loggers = [logger]
     reporter("nc_val").scalars(fake, {"epoch": 1, "step": 7, "nc1": 0.25, "train_error": float("nan")})
-    assert logger.calls == [(7, {"nc_val/nc1": 0.25})]  # NaN is not logged
+    assert logger.calls == [(7, {"nc_val/nc1": 0.25, "nc_val/epoch": 1.0})]  # NaN is not logged; epoch: the x axis
     assert set(fake.callback_metrics) == {"nc_val/nc1", "nc_val/train_error"}
     assert isinstance(fake.callback_metrics["nc_val/nc1"], torch.Tensor)
 
@@ -99,3 +99,52 @@ def test_a_failing_figure_is_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(module, "plot_history", broken)
     with pytest.warns(RuntimeWarning, match=r"no figure \(ValueError: no usable font\).*`log_figure=False`"):
         assert reporter().final_figure(trainer(TensorBoardLogger(tmp_path)), HISTORY, None, "t") is None
+
+
+def test_onset_repeats_the_errors_until_twice_the_tpt_epoch() -> None:
+    logger, fake = Recorder(), trainer()
+    fake.loggers = [logger]
+    report = reporter()
+    for epoch, tpt in ((3, None), (7, 7), (17, 7), (18, 7)):
+        record = {"epoch": epoch, "step": epoch, "train_error": 0.1, "nc4_ncc_mismatch": 0.2, "nc1": 1.0}
+        report.scalars(fake, record, onset=(epoch, tpt))
+    onset = [(step, sorted(k for k in calls if "tpt_onset" in k)) for step, calls in logger.calls]
+    expected = ["nc/tpt_onset/nc4_ncc_mismatch", "nc/tpt_onset/train_error"]
+    assert onset == [(3, expected), (7, expected), (17, expected), (18, [])]
+
+
+def test_snapshots_follow_the_schedule_and_the_last_is_written_at_the_end(tmp_path: Path) -> None:
+    from lightning_neural_collapse.functional import class_statistics
+    from lightning_neural_collapse.reporting.reporter import Measured
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    fake = trainer(tb)
+    report = reporter()
+    report.start_fit(horizon=99)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    stats = class_statistics(features, torch.arange(60) % 4)
+    weight = torch.randn(4, 5, generator=generator)
+    history: list[dict[str, float]] = []
+    written = []
+    for epoch in range(57):  # the fit stops early (an EarlyStopping, say) at epoch 56
+        history.append({"epoch": epoch, "step": 10 * epoch + 9, "nc1": 1.0 / (epoch + 1), "train_error": 0.0})
+        measured = Measured(epoch, 10 * epoch + 9, stats, weight)
+        if report.snapshot(fake, measured, history, tpt=30):
+            written.append(epoch)
+    assert written[:9] == list(range(9)) and 30 in written and 56 not in written and len(written) < 30
+    report.final_figure(fake, history, 30)
+    tb.experiment.flush()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    assert set(acc.Tags()["histograms"]) == {
+        f"nc/hist/{name}"
+        for name in ("cosines_means", "norms_means", "cosines_weights", "norms_weights", "cosine_weight_mean")
+    }
+    steps = [event.step for event in acc.Histograms("nc/hist/cosines_means")]
+    assert steps == [10 * e + 9 for e in written] + [569]  # the last measurement, at the end
+    images = [event.step for event in acc.Images("nc/figure")]
+    assert set(images) <= {10 * e + 9 for e in written} | {569} and images[-1] == 569 and len(images) <= 10
+    assert 309 in images  # the TPT epoch

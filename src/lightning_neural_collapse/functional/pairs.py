@@ -29,7 +29,8 @@ from torch import Tensor
 TILE_ELEMENTS = 1 << 24
 """Elements of one Gram tile (``tile rows x C``): 128 MiB in float64; the tile's row count follows from ``C``."""
 COSINE_EDGES = torch.linspace(-1.0, 1.0, 41, dtype=torch.float64)
-"""Default bin edges of the histogram of pairwise cosines (40 bins of 0.05 on ``[-1, 1]``)."""
+"""Coarse uniform bin edges for the histogram of pairwise cosines (40 bins of 0.05 on ``[-1, 1]``); the callback uses
+the finer :func:`~lightning_neural_collapse.functional.etf_deviation.cosine_edges`."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def pair_sums(
     histogram = None if edges is None else torch.zeros(bins, dtype=torch.long, device=device)
     index_buf = None
     if edges is not None:
-        index_buf = torch.empty(rows * num, dtype=torch.uint8 if bins < 255 else torch.long, device=device)
+        index_dtype = torch.uint8 if bins < 255 else torch.int16 if bins < 32767 else torch.long
+        index_buf = torch.empty(rows * num, dtype=index_dtype, device=device)
     low, high = (0.0, 1.0) if edges is None else (float(edges[0]), float(edges[-1]))
     # each tile's sums (reduced in the tile dtype) of x, x^2, |x|, the log1p terms, the CDNV terms, etf^2
     totals = torch.zeros(6, dtype=torch.float64, device=device)

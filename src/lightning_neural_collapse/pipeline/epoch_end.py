@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_neural_collapse.functional.collapse import Geometry, geometry
+from lightning_neural_collapse.functional.etf_deviation import cosine_edges
 from lightning_neural_collapse.functional.layers import PREVIOUS_SUFFIX
-from lightning_neural_collapse.functional.pairs import COSINE_EDGES
 from lightning_neural_collapse.functional.statistics import ClassStatistics
 from lightning_neural_collapse.pipeline import diagnostics as say
 from lightning_neural_collapse.pipeline import loop
@@ -33,7 +33,7 @@ from lightning_neural_collapse.pipeline.labels import default_input_getter
 from lightning_neural_collapse.pipeline.layer_sums import Centres, LayerResults, LayerSums
 from lightning_neural_collapse.pipeline.run_state import FitState, OpenEpoch, SavedState, build_record, reference_of
 from lightning_neural_collapse.pipeline.schedule import EpochPlan, Schedule
-from lightning_neural_collapse.reporting.reporter import Reporter
+from lightning_neural_collapse.reporting.reporter import Measured, Reporter
 
 TPTHook = Callable[[Trainer, LightningModule, int], None]
 
@@ -239,7 +239,7 @@ class EpochEnd:
 
     def _measure(self, stats: ClassStatistics, weight: Tensor | None) -> Geometry:
         """Every metric of the reduced statistics, and the cosine histograms when they are logged."""
-        edges = COSINE_EDGES if self.config.log_histograms else None
+        edges = cosine_edges(int(stats.present.sum())) if self.config.log_histograms else None
         return geometry(stats, weight, global_mean=self.config.global_mean, edges=edges, dtype=self.config.dtype)
 
     def _exact(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> ExactMeasurement:
@@ -325,8 +325,8 @@ class EpochEnd:
             warned = say.epoch_warnings(outcome, epoch, fit.shapes.num_classes, self.config.prefix, subset, unit)
             for key, message in warned:
                 fit.warn(key, message)
-        self.reporter.scalars(trainer, record)
-        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(record["step"]), outcome.geometry)
+        self.reporter.scalars(trainer, record, onset=(epoch, saved.tpt.epoch))
+        self._snapshot(trainer, outcome, epoch, int(record["step"]))
 
     def measure_last_epoch(self, trainer: Trainer, pl_module: LightningModule, fit: FitState) -> None:
         """At the end of the fit, measure the last epoch reached if the schedule did not (every rank)."""
@@ -351,7 +351,19 @@ class EpochEnd:
         last.update(new)
         self._remember(outcome)
         self.reporter.scalars(trainer, {"step": last["step"], **new})
-        self.reporter.distributions(trainer, outcome.statistics, outcome.weight, int(last["step"]), outcome.geometry)
+        self._snapshot(trainer, outcome, epoch_index, int(last["step"]))
+
+    def _snapshot(self, trainer: Trainer, outcome: EpochOutcome, unit: int, step: int) -> None:
+        """The histograms and the figure of a measured unit, when the reporter's snapshot schedule says so."""
+        saved = self.saved
+        tpt = saved.tpt.epoch
+        if self.config.windows and tpt is not None:  # the figure's x axis is the step
+            record = saved.record(tpt)
+            figure_tpt = None if record is None else int(record["step"])
+        else:
+            figure_tpt = tpt
+        measured = Measured(unit, step, outcome.statistics, outcome.weight, outcome.geometry, figure_tpt)
+        self.reporter.snapshot(trainer, measured, saved.history, tpt, saved.val_history)
 
     def _remember(self, outcome: EpochOutcome) -> None:
         """Keep a measured outcome's class means (and each layer's, with its NC1 directions) for the next

@@ -22,6 +22,16 @@ def limits(trainer: Any) -> Limits:
     return Limits(trainer.max_epochs, open_ended=stoppers or (max_steps is not None and max_steps >= 0))
 
 
+def last_unit(trainer: Any, every_n_train_steps: int | None = None) -> int | None:
+    """The last epoch the fit can reach (``max_epochs - 1``), or with ``every_n_train_steps`` the last window
+    (``max_steps // every_n_train_steps - 1``); ``None`` when unbounded (``max_epochs=-1``, no ``max_steps``)."""
+    if every_n_train_steps is not None:
+        max_steps = trainer.max_steps
+        return max_steps // every_n_train_steps - 1 if max_steps is not None and max_steps > 0 else None
+    max_epochs = trainer.max_epochs
+    return max_epochs - 1 if max_epochs is not None and max_epochs > 0 else None
+
+
 def is_last_batch(trainer: Any) -> bool:
     """Whether the training batch that just ended is its epoch's last: Lightning's own test (the data fetcher is
     exhausted, or ``num_training_batches`` are done, which honours ``limit_train_batches``), or ``max_steps``

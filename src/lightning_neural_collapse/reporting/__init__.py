@@ -8,11 +8,11 @@ call: a failure becomes one ``RuntimeWarning`` per (logger type, kind) and the r
 from lightning_neural_collapse.reporting.capabilities import can_log_figure, figure_kind, histogram_kind, run_dir
 from lightning_neural_collapse.reporting.dashboard import dashboard_layout, log_dashboard
 from lightning_neural_collapse.reporting.figures import log_figure, plot_history, save_figure
-from lightning_neural_collapse.reporting.histograms import bin_edges, log_histograms
+from lightning_neural_collapse.reporting.histograms import log_histograms, occupied
 from lightning_neural_collapse.reporting.scalars import log_scalars
 
 __all__ = [
-    "bin_edges",
+    "occupied",
     "can_log_figure",
     "dashboard_layout",
     "figure_kind",

@@ -27,12 +27,12 @@ def _is_wandb(logger: Any, experiment: Any = None) -> bool:
 
 
 def histogram_kind(logger: Any) -> HistogramKind:
-    """How ``logger`` takes histograms: ``"tensorboard"`` (its experiment has ``add_histogram``), ``"wandb"``
+    """How ``logger`` takes histograms: ``"tensorboard"`` (its experiment has ``add_histogram_raw``), ``"wandb"``
     (a W&B logger, by class name or run type) or ``None`` (log summary scalars instead).
 
     Example:
         >>> class Writer:
-        ...     def add_histogram(self, *args, **kwargs): ...
+        ...     def add_histogram_raw(self, *args, **kwargs): ...
         >>> class Fake:
         ...     experiment = Writer()
         >>> histogram_kind(Fake()), histogram_kind(object())
@@ -41,7 +41,7 @@ def histogram_kind(logger: Any) -> HistogramKind:
     if _is_wandb(logger):  # checked first: no need to start a W&B run to know
         return "wandb"
     experiment = experiment_of(logger)
-    if callable(getattr(experiment, "add_histogram", None)):
+    if callable(getattr(experiment, "add_histogram_raw", None)):
         return "tensorboard"
     if _is_wandb(logger, experiment):
         return "wandb"

@@ -12,15 +12,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_neural_collapse.reporting._common import warn_once
 from lightning_neural_collapse.reporting.capabilities import experiment_of
 
+# (title, keys): one quantity per chart (the classifier's and the means' version of it, or its variants, as lines)
 _CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("NC1", ("nc1", "nc1_cdnv")),
-    ("NC2 equinorm", ("nc2_equinorm_means", "nc2_equinorm_weights")),
-    ("NC2 equiangularity", ("nc2_equiangular_means", "nc2_equiangular_weights")),
-    ("NC2 max-angle", ("nc2_maxangle_means", "nc2_maxangle_weights")),
-    ("NC2 ETF distance", ("nc2_etf_distance_means", "nc2_etf_distance_weights")),
-    ("NC3", ("nc3_self_duality", "nc3_cosine")),
-    ("NC4", ("nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means", "nc4_ncc_mismatch_prev_means_sampled")),
+    ("NC1: Tr(Sigma_W Sigma_B^+) / C", ("nc1",)),
+    ("NC1: CDNV", ("nc1_cdnv",)),
+    ("NC2: equinorm (std / mean of norms)", ("nc2_equinorm_means", "nc2_equinorm_weights")),
+    ("NC2: equiangularity (std of cosines)", ("nc2_equiangular_means", "nc2_equiangular_weights")),
+    ("NC2: max-angle (mean |cos + 1/(C-1)|)", ("nc2_maxangle_means", "nc2_maxangle_weights")),
+    ("NC2: ETF distance", ("nc2_etf_distance_means", "nc2_etf_distance_weights")),
+    ("NC3: self-duality (falls to 0)", ("nc3_self_duality",)),
+    ("NC3: cos(w_c, mu_c) (rises to 1)", ("nc3_cosine",)),
+    ("NC4: NCC mismatch", ("nc4_ncc_mismatch", "nc4_ncc_mismatch_prev_means", "nc4_ncc_mismatch_prev_means_sampled")),
     ("Training error", ("train_error", "train_error_eval")),
+)
+# charts over the onset of TPT only (``<prefix>/tpt_onset/<key>``, see Reporter.scalars): readable scales
+_ONSET_CHARTS: tuple[tuple[str, str], ...] = (
+    ("TPT onset: training error", "train_error"),
+    ("TPT onset: NC4 NCC mismatch", "nc4_"),
 )
 
 
@@ -54,9 +62,10 @@ def dashboard_layout(
     prefix: str | Sequence[str] = "nc", held_out: Sequence[str] = (), layers: Sequence[str] = ()
 ) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout ``{category: {chart: ["Multiline", [tag regexes]]}}`` for
-    ``SummaryWriter.add_custom_scalars``: one category ``f"Neural collapse ({prefix})"`` per prefix, with
-    the charts NC1, NC2 equinorm, NC2 equiangularity, NC2 max-angle, NC2 ETF distance, NC3, NC4,
-    Training error and ETF gaps. Each regex matches exactly one tag, e.g. ``^nc/nc1$``.
+    ``SummaryWriter.add_custom_scalars``: one category ``f"Neural collapse ({prefix})"`` per prefix, with one
+    quantity per chart: NC1, CDNV, NC2 equinorm, equiangularity, max-angle and ETF distance (class means and
+    classifier), NC3 self-duality, NC3 cosine, NC4, training error, and the training error and NC4 over the onset
+    of TPT (``<prefix>/tpt_onset/...``). Each regex matches exactly one tag, e.g. ``^nc/nc1$``.
 
     For each prefix in ``held_out`` (those that measure a validation loop) a category
     ``f"Held-out collapse ({prefix})"`` puts training and validation in one chart: NC1, CDNV, the validation
@@ -69,8 +78,8 @@ def dashboard_layout(
 
     Example:
         >>> layout = dashboard_layout("nc", held_out=["nc"])
-        >>> layout["Neural collapse (nc)"]["NC1"]
-        ['Multiline', ['^nc/nc1$', '^nc/nc1_cdnv$']]
+        >>> layout["Neural collapse (nc)"]["NC1: CDNV"]
+        ['Multiline', ['^nc/nc1_cdnv$']]
         >>> layout["Held-out collapse (nc)"]["NC1: training vs validation"]
         ['Multiline', ['^nc/nc1$', '^nc_val/([^/]+/)?nc1$']]
     """
@@ -80,7 +89,8 @@ def dashboard_layout(
         charts: dict[str, list[Any]] = {
             title: ["Multiline", [f"^{re.escape(f'{p}/{key}')}$" for key in keys]] for title, keys in _CHARTS
         }
-        charts["ETF gaps"] = ["Multiline", [f"^{re.escape(p + '/')}[A-Za-z0-9_]+_gap$"]]
+        for title, key in _ONSET_CHARTS:
+            charts[title] = ["Multiline", [f"^{re.escape(f'{p}/tpt_onset/{key}')}[A-Za-z0-9_]*$"]]
         layout[f"Neural collapse ({p})"] = charts
     for p in held_out:
         val = re.escape(f"{p}_val/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import Logger
@@ -110,43 +111,111 @@ def _series(history: Sequence[Mapping[str, Any]], key: str, x: str = "epoch") ->
     return xs, ys
 
 
+@dataclass(frozen=True)
+class RunLines:
+    """One run's part of a figure: its records, the held-out records, its TPT mark and how it is told apart.
+
+    Attributes:
+        history: one mapping per training record; val_history: the held-out records; tpt: where TPT began on the
+        x axis (or ``None``); label: the run's name in the legends (empty for a lone run); colour: its matplotlib
+        colour (``None``: each line its own, as for a lone run); x: the x key, ``"epoch"`` or ``"step"``.
+    """
+
+    history: Sequence[Mapping[str, Any]]
+    val_history: Sequence[Mapping[str, Any]] = ()
+    tpt: int | None = None
+    label: str = ""
+    colour: str | None = None
+    x: str = "epoch"
+
+
+def _scale(ax: Axes, values: Sequence[float]) -> None:
+    """Log y when every value is positive; symmetric-log (linear below the smallest positive value) when some are
+    0 and none negative, so that errors that reach 0 at TPT keep their decay visible."""
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values):
+        ax.set_yscale("log")
+    elif positive and min(values) >= 0:
+        ax.set_yscale("symlog", linthresh=min(positive), linscale=0.5)
+
+
 def _panel(
     ax: Axes,
-    history: Sequence[Mapping[str, Any]],
+    runs: Sequence[RunLines],
     title: str,
     ylabel: str,
     lines: tuple[tuple[str, str, str], ...],
-    tpt_epoch: int | None,
-    x: str = "epoch",
-    val_rows: Sequence[Mapping[str, Any]] = (),
 ) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     plotted: list[float] = []
-    drawn = 0
-    for key, label, style in lines:
-        xs, ys = _series(val_rows if key.startswith("val:") else history, key, x)
-        if xs:
-            drawn += 1
-            ax.plot(xs, ys, style, marker="o", markersize=2.5, linewidth=1.3, label=label or key)
-            plotted.extend(ys)
-    if plotted and min(plotted) > 0:
-        ax.set_yscale("log")
+    drawn: dict[str, str] = {}  # label -> line style, in drawing order
+    for run in runs:
+        val_rows = _val_rows(run.val_history)
+        for key, label, style in lines:
+            xs, ys = _series(val_rows if key.startswith("val:") else run.history, key, run.x)
+            if xs:
+                drawn.setdefault(label or key, style)
+                ax.plot(xs, ys, style, color=run.colour, marker="o", markersize=2.5, linewidth=1.3, label=label or key)
+                plotted.extend(ys)
+        if run.tpt is not None:
+            ax.axvline(run.tpt, color=run.colour or "0.35", linestyle="--", linewidth=1.0, alpha=0.8)
+    _scale(ax, plotted)
+    if ax.get_yscale() == "symlog":
+        ax.set_ylim(bottom=0.0)
     if not plotted:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
-    elif drawn > 1:
+    elif len(drawn) > 1 and len(runs) > 1:  # colours are the runs (the figure's legend); here the line styles
+        proxies = [Line2D([], [], color="0.3", linestyle=style, label=label) for label, style in drawn.items()]
+        ax.legend(handles=proxies, fontsize=7, frameon=False)
+    elif len(drawn) > 1 or (len(runs) == 1 and sum(len(line.get_xdata()) > 0 for line in ax.lines) > 1):
         ax.legend(fontsize=8, frameon=False)
-    if tpt_epoch is not None:
-        ax.axvline(tpt_epoch, color="0.35", linestyle="--", linewidth=1.0)
-        ax.text(
-            tpt_epoch, 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8, color="0.35"
-        )
+    marks = {run.tpt for run in runs if run.tpt is not None}
+    if len(marks) == 1:
+        ax.text(marks.pop(), 0.98, " TPT", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8)
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("step" if x == "step" else "epoch", fontsize=9)
+    ax.set_xlabel(runs[0].x if runs else "epoch", fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_runs(runs: Sequence[RunLines], title: str | None = None) -> Figure:
+    """A new matplotlib ``Figure`` (Agg canvas, no pyplot state) with the 8 panels of :func:`plot_history`, every
+    run's lines in each (in the run's colour, its TPT marked by a dashed line of that colour).
+
+    Raises:
+        ImportError: if matplotlib is not installed (``pip install lightning-neural-collapse[plot]``).
+
+    Example:
+        >>> a = RunLines([{"epoch": 0, "nc1": 2.0}, {"epoch": 1, "nc1": 0.5}], tpt=1, label="a", colour="C0")
+        >>> b = RunLines([{"epoch": 0, "nc1": 3.0}, {"epoch": 1, "nc1": 0.1}], label="b", colour="C1")
+        >>> figure = plot_runs([a, b])
+        >>> len(figure.axes[0].lines), figure.axes[0].get_yscale()
+        (3, 'log')
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'lightning-neural-collapse[plot]'") from err
+    figure = Figure(figsize=(13.0, 6.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 4).ravel()
+    # fixed margins: a layout engine would triple the drawing time
+    figure.subplots_adjust(left=0.055, right=0.99, bottom=0.08, top=0.9 if title else 0.94, wspace=0.4, hspace=0.45)
+    for ax, (panel_title, ylabel, lines) in zip(axes, _PANELS, strict=True):
+        _panel(ax, runs, panel_title, ylabel, lines)
+    if len(runs) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=run.colour, linewidth=2.0, label=run.label) for run in runs]
+        figure.legend(handles=handles, loc="upper left", ncol=min(len(runs), 6), fontsize=9, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=12)
+    return figure
 
 
 def plot_history(
@@ -164,7 +233,8 @@ def plot_history(
 
     ``history`` holds one mapping per measurement with ``"epoch"`` and any of the keys ``train_error``,
     ``nc1``, ``nc1_cdnv``, ``nc2_*_means``/``nc2_*_weights``, ``nc3_self_duality``, ``nc4_ncc_mismatch``;
-    missing or non-finite values are skipped. Panels whose values are all positive use a log y axis.
+    missing or non-finite values are skipped. Panels whose values are all positive use a log y axis, those that
+    reach 0 (errors after TPT) a symmetric-log one, linear below their smallest positive value.
     ``tpt_epoch`` draws a dashed line labelled "TPT" in every panel.
 
     Raises:
@@ -175,23 +245,8 @@ def plot_history(
         >>> len(figure.axes), figure.axes[0].get_yscale()
         (8, 'log')
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError("plot_history needs matplotlib: pip install 'lightning-neural-collapse[plot]'") from err
-    figure = Figure(figsize=(13.0, 6.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 4).ravel()
-    # fixed margins: a layout engine would triple the drawing time
-    figure.subplots_adjust(left=0.055, right=0.99, bottom=0.08, top=0.9 if title else 0.94, wspace=0.4, hspace=0.45)
     x = "step" if any("window" in row for row in history) else "epoch"
-    val_rows = _val_rows(val_history)
-    for ax, (panel_title, ylabel, lines) in zip(axes, _PANELS, strict=True):
-        _panel(ax, history, panel_title, ylabel, lines, tpt_epoch, x, val_rows)
-    if title:
-        figure.suptitle(title, fontsize=12)
-    return figure
+    return plot_runs([RunLines(history, val_history, tpt_epoch, x=x)], title)
 
 
 def _to_rgb(figure: Figure) -> np.ndarray:
