@@ -167,9 +167,12 @@ def _panel(
     if not plotted:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
     elif len(drawn) > 1 and len(runs) > 1:  # colours are the runs (the figure's legend); here the line styles
-        proxies = [Line2D([], [], color="0.3", linestyle=style, label=label) for label, style in drawn.items()]
+        proxies = [
+            Line2D([], [], color="0.3", linestyle=style, label=label)  # type: ignore[arg-type]
+            for label, style in drawn.items()
+        ]
         ax.legend(handles=proxies, fontsize=7, frameon=False)
-    elif len(drawn) > 1 or (len(runs) == 1 and sum(len(line.get_xdata()) > 0 for line in ax.lines) > 1):
+    elif len(drawn) > 1:
         ax.legend(fontsize=8, frameon=False)
     marks = {run.tpt for run in runs if run.tpt is not None}
     if len(marks) == 1:
