@@ -8,7 +8,7 @@ mkdir -p "$out"
 server=$!
 trap 'kill $server' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$port" > /dev/null && break; sleep 1; done
-for tab in custom_scalars histograms; do
+for tab in ${TABS:-custom_scalars histograms distributions}; do
   chromium --headless --no-sandbox --disable-gpu --disable-background-networking --hide-scrollbars \
     --window-size=1600,${HEIGHT:-1750} --virtual-time-budget=20000 --screenshot="$out/dashboard_$tab.png" \
     "http://127.0.0.1:$port/#$tab" > /dev/null 2>&1
