@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -38,12 +37,3 @@ def finite_float(value: Any) -> float | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return number if math.isfinite(number) else None
-
-
-def finite_array(values: Any) -> np.ndarray:
-    """The finite entries of a tensor or array-like, flattened into a float64 NumPy array (maybe empty)."""
-    if isinstance(values, torch.Tensor):
-        array = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
-    else:
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
-    return array[np.isfinite(array)]

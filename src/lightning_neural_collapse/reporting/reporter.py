@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -34,9 +34,6 @@ from lightning_neural_collapse.reporting.figures import log_figure, plot_history
 from lightning_neural_collapse.reporting.histograms import log_histograms
 from lightning_neural_collapse.reporting.scalars import log_scalars
 from lightning_neural_collapse.reporting.snapshots import SnapshotSchedule
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 _NOT_SCALARS = ("epoch", "step", "window")
 
@@ -181,11 +178,10 @@ class Reporter:
         step: int,
         tpt: int | None,
         val_history: Sequence[Mapping[str, float]],
-    ) -> Figure:
+    ) -> None:
         figure = plot_history(history, tpt, title=self.title, val_history=val_history)
         log_figure(trainer.loggers, figure, step=step, tag=f"{self.prefix}/figure")
         self._figure_step = step
-        return figure
 
     def final_figure(
         self,

@@ -135,12 +135,12 @@ def _records(
 
 
 def runs_from_series(series: Mapping[str, list[tuple[int, float]]], source: str, name: str) -> list[Run]:
-    """The runs (one per prefix) in one directory's scalars."""
+    """The runs (one per prefix) in one directory's scalars, named ``name`` (and ``[prefix]`` when not ``nc``)."""
     runs = []
     for prefix in prefixes(series):
         history = _records(series, prefix)
         tpt = next((int(row[key]) for row in history for key in ("tpt_epoch", "tpt_step") if key in row), None)
-        label = (name or source) if prefix == "nc" else f"{name or source} [{prefix}]"
+        label = name if prefix == "nc" else f"{name} [{prefix}]"
         runs.append(Run(label, source, prefix, history, _records(series, f"{prefix}_val", nested=True), tpt))
     return runs
 
@@ -154,15 +154,13 @@ def read_runs(directory: str) -> list[Run]:
         ReportError: when ``directory`` does not exist or holds no Neural Collapse scalars.
     """
     events, tables = find_logs(directory)
-    found: list[tuple[str, list[Run]]] = []
-    for folder in events:
-        found.append((folder, runs_from_series(read_event_scalars(folder), folder, "")))
-    with_events = {folder for folder, runs in found if runs}
+    found = [(folder, read_event_scalars(folder)) for folder in events]
+    found = [(folder, series) for folder, series in found if prefixes(series)]
+    with_events = {folder for folder, _ in found}
     for table in tables:  # a folder with both (two loggers of one run): its event files
         folder = os.path.dirname(table)
-        if folder not in with_events:
-            found.append((folder, runs_from_series(read_csv_scalars(table), folder, "")))
-    found = sorted((folder, runs) for folder, runs in found if runs)
+        if folder not in with_events and prefixes(series := read_csv_scalars(table)):
+            found.append((folder, series))
     if not found:
         looked = f"{len(events)} TensorBoard event directories and {len(tables)} metrics.csv files"
         raise ReportError(
@@ -170,10 +168,8 @@ def read_runs(directory: str) -> list[Run]:
             "point the report at the logger's directory of a run made with NeuralCollapseCallback"
         )
     base = os.path.basename(os.path.normpath(os.path.abspath(directory)))
-    out = []
-    for folder, runs in found:
+    runs = []
+    for folder, series in sorted(found, key=lambda item: item[0]):
         name = base if len(found) == 1 else f"{base}/{os.path.relpath(folder, directory)}"
-        for run in runs:
-            run.name = name if run.prefix == "nc" else f"{name} [{run.prefix}]"
-            out.append(run)
-    return out
+        runs += runs_from_series(series, folder, name)
+    return runs
